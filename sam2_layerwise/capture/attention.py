@@ -1,0 +1,122 @@
+"""The one place attention is recomputed: softmax(q·kᵀ·scale) in fp32, in chunks, never a whole map.
+
+Everything else (statistics, selected rows, rendering from saved q/k) calls these functions, and the
+capture checks them against the module's real output (`probs @ v` through the output projection).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+ProbsTransform = Callable[[torch.Tensor], torch.Tensor] | None
+
+STAT_NAMES = ("entropy", "entropy_norm", "max_prob", "topk_mass")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: ProbsTransform = None) -> torch.Tensor:
+    """Attention probabilities as the kernel used them.
+
+    q: [..., Nq, d], k: [..., Nk, d] -> [..., Nq, Nk] fp32, rows sum to 1 (before `transform`).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(_fp32(q) * scale, _fp32(k).transpose(-1, -2))  # [..., Nq, Nk]
+        probs = torch.softmax(scores, dim=-1)
+        return transform(probs) if transform is not None else probs
+
+
+def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]]):
+    """Probabilities and outputs for selected queries.
+
+    q, k, v: [G, h, N, d]; picks: (group, query index) pairs.
+    Returns probs [n, h, Nk] fp32 and out = probs @ v [n, h, d_v] fp32.
+    """
+    if not picks:
+        nk = k.shape[-2]
+        return q.new_zeros((0, q.shape[1], nk), dtype=torch.float32), q.new_zeros((0, q.shape[1], v.shape[-1]), dtype=torch.float32)
+    g = torch.tensor([p[0] for p in picks], device=q.device)
+    i = torch.tensor([p[1] for p in picks], device=q.device)
+    q_sel = q[g, :, i].unsqueeze(2)  # [n, h, 1, d]
+    probs = attention_probs(q_sel, k[g], scale, transform)  # [n, h, 1, Nk]
+    with torch.autocast(q.device.type, enabled=False):
+        out = torch.matmul(probs, _fp32(v[g]))  # [n, h, 1, d_v]
+    return probs[:, :, 0], out[:, :, 0]
+
+
+def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20):
+    """Per-query statistics over the keys, for every query, computed tile by tile.
+
+    q: [G, h, Nq, d], k: [G, h, Nk, d]. Returns a dict of [G, h, Nq] fp32 tensors:
+    entropy (nats), entropy_norm (entropy / log Nk, in [0, 1]), max_prob, topk_mass (mass on the k largest keys).
+    A tile holds at most `chunk_elements` scores, so peak extra memory is a few times that.
+    """
+    G, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    kk = min(topk, nk)
+    out = {name: torch.empty((G, h, nq), dtype=torch.float32, device=q.device) for name in STAT_NAMES}
+    per_group = h * nq * nk
+    if per_group <= chunk_elements:
+        tiles = [(g0, min(G, g0 + max(1, chunk_elements // per_group)), 0, nq) for g0 in range(0, G, max(1, chunk_elements // per_group))]
+    else:
+        rows = max(1, chunk_elements // (h * nk))
+        tiles = [(g0, g0 + 1, r0, min(nq, r0 + rows)) for g0 in range(G) for r0 in range(0, nq, rows)]
+    log_nk = math.log(nk) if nk > 1 else 1.0
+    with torch.autocast(q.device.type, enabled=False):
+        kt = _fp32(k).transpose(-1, -2)  # [G, h, d, Nk]
+        for g0, g1, r0, r1 in tiles:
+            scores = torch.matmul(_fp32(q[g0:g1, :, r0:r1]) * scale, kt[g0:g1])  # [g, h, r, Nk]
+            if transform is None:
+                # One exp per score: e = exp(s - m), z = sum e, p = e / z, H = m + log z - sum(e * s) / z.
+                m = scores.amax(-1, keepdim=True)
+                e = torch.exp(scores - m)
+                z = e.sum(-1)
+                ent = m[..., 0] + torch.log(z) - torch.einsum("...j,...j->...", e, scores) / z
+                mx = 1.0 / z
+                top = torch.topk(e, kk, dim=-1).values.sum(-1) / z if kk else torch.zeros_like(z)
+            else:
+                p = transform(torch.softmax(scores, -1))
+                ent = -torch.special.xlogy(p, p).sum(-1)
+                mx = p.amax(-1)
+                top = torch.topk(p, kk, dim=-1).values.sum(-1) if kk else torch.zeros_like(mx)
+            sl = (slice(g0, g1), slice(None), slice(r0, r1))
+            out["entropy"][sl] = ent
+            out["entropy_norm"][sl] = ent / log_nk
+            out["max_prob"][sl] = mx
+            out["topk_mass"][sl] = top
+    return out
+
+
+def pool_keys(probs: torch.Tensor, block_hw: tuple[int, int] | None, max_tokens: int):
+    """Sum-pool the key axis so at most `max_tokens` keys remain; the result still sums to 1 per row.
+
+    probs: [..., Nk]. With a key grid block (bh, bw) (Nk == bh*bw) keys are pooled over f x f spatial
+    cells; otherwise over runs of f consecutive keys. Returns (pooled [..., Nk'], info dict or None).
+    """
+    nk = probs.shape[-1]
+    if nk <= max_tokens:
+        return probs, None
+    lead = probs.shape[:-1]
+    if block_hw is not None and block_hw[0] * block_hw[1] == nk:
+        bh, bw = block_hw
+        f = 1
+        while -(-bh // f) * -(-bw // f) > max_tokens:
+            f += 1
+        ph, pw = -(-bh // f) * f, -(-bw // f) * f
+        grid = probs.reshape(-1, 1, bh, bw)
+        grid = torch.nn.functional.pad(grid, (0, pw - bw, 0, ph - bh))
+        pooled = torch.nn.functional.avg_pool2d(grid, f) * (f * f)  # [n, 1, ph/f, pw/f]
+        info = {"op": "sum", "factor": f, "from_hw": [bh, bw], "pooled_hw": [ph // f, pw // f],
+                "note": f"keys summed over {f}x{f} token cells; rows still sum to 1"}
+        return pooled.reshape(*lead, -1), info
+    f = -(-nk // max_tokens)
+    padded = torch.nn.functional.pad(probs.reshape(-1, nk), (0, -(-nk // f) * f - nk))
+    pooled = padded.reshape(padded.shape[0], -1, f).sum(-1)
+    info = {"op": "sum", "factor": f, "from_keys": nk, "pooled_keys": pooled.shape[-1],
+            "note": f"runs of {f} consecutive keys summed; rows still sum to 1"}
+    return pooled.reshape(*lead, -1), info

@@ -1,0 +1,115 @@
+"""Route each attention module's `F.scaled_dot_product_attention` call through a kernel and observers.
+
+SAM 2's attention modules call `torch.nn.functional.scaled_dot_product_attention`, looked up at call time.
+While an instrumented module runs, that function is swapped for `_dispatch`, which hands q/k/v to the
+module's *kernel* (the float kernel is torch's own fused SDPA, so outputs are bit-identical to plain SAM 2;
+quantization installs a fake-quantized kernel) and then shows every *observer* (capture) exactly what the
+kernel used. The swap is scoped to the module's forward: importing this package changes nothing in torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+@dataclass
+class KernelView:
+    """What an attention kernel computed with. Shapes `[G, heads, N, head_dim]` (G = batch x windows).
+
+    `probs_transform` maps fp32 softmax probabilities `[..., Nq, Nk]` to those the kernel multiplied with v
+    (identity for float attention; a fake quantizer for quantized softmax).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    probs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class AttentionKernel(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, KernelView]: ...
+
+
+def float_kernel(q, k, v, scale=None):
+    """Torch's own SDPA: exactly what plain SAM 2 computes."""
+    out = ORIGINAL_SDPA(q, k, v, scale=scale)
+    return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
+
+
+@dataclass
+class ModuleAttention:
+    """Per-module routing state, attached to the module as `_layerwise_attention`."""
+
+    name: str
+    kernel: AttentionKernel | None = None
+    observers: list = field(default_factory=list)
+    handles: list = field(default_factory=list)
+
+
+class _Stack(threading.local):
+    def __init__(self):
+        self.frames: list[ModuleAttention] = []
+
+
+_stack = _Stack()
+_ATTR = "_layerwise_attention"
+
+
+def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    if not _stack.frames or attn_mask is not None or is_causal or dropout_p or kwargs:
+        return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                             is_causal=is_causal, scale=scale, **kwargs)
+    frame = _stack.frames[-1]
+    out, view = (frame.kernel or float_kernel)(query, key, value, scale)
+    for observe in frame.observers:
+        observe(view, out)
+    return out
+
+
+def _enter(module, args, kwargs):
+    _stack.frames.append(getattr(module, _ATTR))
+    F.scaled_dot_product_attention = _dispatch
+
+
+def _leave(module, args, kwargs, output):
+    if _stack.frames:
+        _stack.frames.pop()
+    if not _stack.frames:
+        F.scaled_dot_product_attention = ORIGINAL_SDPA
+
+
+def routing(module: nn.Module, name: str) -> ModuleAttention:
+    """The module's routing state, installing the scoped swap hooks on first use."""
+    state = getattr(module, _ATTR, None)
+    if state is None:
+        state = ModuleAttention(name=name)
+        setattr(module, _ATTR, state)
+        state.handles = [
+            module.register_forward_pre_hook(_enter, with_kwargs=True),
+            module.register_forward_hook(_leave, with_kwargs=True, always_call=True),
+        ]
+    return state
+
+
+def release(module: nn.Module) -> None:
+    """Remove the routing hooks again once no kernel and no observer needs them."""
+    state = getattr(module, _ATTR, None)
+    if state is not None and state.kernel is None and not state.observers:
+        for h in state.handles:
+            h.remove()
+        delattr(module, _ATTR)
+
+
+def reset() -> None:
+    """Restore torch's SDPA after an exception unwound a forward pass mid-way."""
+    _stack.frames.clear()
+    F.scaled_dot_product_attention = ORIGINAL_SDPA

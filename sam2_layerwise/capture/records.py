@@ -1,0 +1,103 @@
+"""What a capture holds: one record per attention call and per surrounding block call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def layer_key(module_name: str) -> str:
+    """`image_encoder.trunk.blocks.0` -> `image_encoder_trunk_blocks_0` (SPEC.md layer keys)."""
+    return module_name.replace(".", "_")
+
+
+def tensor_stats(t: torch.Tensor) -> dict:
+    """Shape, dtype and simple statistics of a tensor (computed in fp32)."""
+    f = t.detach().float()
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "mean": f.mean().item() if f.numel() else 0.0,
+        "std": f.std().item() if f.numel() > 1 else 0.0,
+        "min": f.min().item() if f.numel() else 0.0,
+        "max": f.max().item() if f.numel() else 0.0,
+        "abs_mean": f.abs().mean().item() if f.numel() else 0.0,
+    }
+
+
+@dataclass
+class QuerySpec:
+    """One selected query of an attention call.
+
+    `group`/`index` address it in the kernel's q `[G, heads, Nq, d]`. `cell` is (row, col) on the layer's query
+    grid (None for decoder prompt/output tokens, which `label` names by role). `pixel_box` is
+    [x0, y0, x1, y1) in original-image pixels. `key_block` is the key-grid block [r0, r1, c0, c1) its keys
+    cover (row-major inside), None when keys are tokens. `source_cells` is the key-grid block a q-pooled
+    query was max-pooled from.
+    """
+
+    label: str
+    group: int
+    index: int
+    cell: tuple[int, int] | None = None
+    pixel_box: list[float] | None = None
+    key_block: list[int] | None = None
+    source_cells: list[int] | None = None
+    is_padding: bool = False
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class AttentionRecord:
+    """One call of one attention module, as its kernel computed it.
+
+    probs: [n_selected, heads, Nk] fp32 probabilities of the selected queries (exact, not pooled).
+    query_stats: name -> [G, heads, Nq] fp32 per-query statistics over all keys (see capture.attention).
+    head_stats: name -> {mean, min, max} lists over heads, from real (non-padding) queries.
+    qkv: q/k/v `[n_groups, heads, N, d]` of the groups holding selected queries, when asked for.
+    """
+
+    name: str
+    layer_key: str
+    module_type: str
+    kind: str
+    call_index: int
+    q_shape: list[int]
+    k_shape: list[int]
+    v_shape: list[int]
+    heads: int
+    head_dim: int
+    scale: float
+    kernel_dtype: str
+    geometry: dict
+    queries: list[QuerySpec]
+    probs: torch.Tensor
+    query_stats: dict[str, torch.Tensor] | None
+    head_stats: dict[str, dict[str, list[float]]]
+    selected_stats: list[dict]
+    kernel_max_abs_err: float
+    module_max_abs_err: float | None = None
+    module_output: dict | None = None
+    qkv: dict | None = None
+    quant: dict | None = None
+    key_pooling: dict | None = None
+    files: dict = field(default_factory=dict)
+
+    @property
+    def file_stem(self) -> str:
+        return self.layer_key if self.call_index == 0 else f"{self.layer_key}__call{self.call_index}"
+
+
+@dataclass
+class BlockRecord:
+    """One call of a block around attention (MultiScaleBlock, TwoWayAttentionBlock, neck, decoder, ...)."""
+
+    name: str
+    layer_key: str
+    module_type: str
+    call_index: int
+    inputs: list[dict]
+    outputs: list[dict]

@@ -1,0 +1,367 @@
+"""Scoped capture over a built SAM 2 model: hooks in, run the real predictors, hooks out."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sam2_layerwise.capture import dispatch
+from sam2_layerwise.capture.attention import STAT_NAMES, attention_rows, query_statistics
+from sam2_layerwise.capture.records import AttentionRecord, BlockRecord, QuerySpec, layer_key, tensor_stats
+from sam2_layerwise.errors import CaptureError
+from sam2_layerwise.geometry import DecoderTokenLayout, GridGeometry, HieraLayerGeometry, ImageFrame
+
+# Blocks whose outputs are recorded (shape and statistics), by class name.
+BLOCK_TYPES = {
+    "MultiScaleBlock", "Hiera", "FpnNeck", "ImageEncoder", "TwoWayAttentionBlock", "TwoWayTransformer",
+    "MaskDecoder", "PromptEncoder", "MemoryAttentionLayer", "MemoryAttention", "MemoryEncoder",
+}
+ATTENTION_TYPES = ("MultiScaleAttention", "RoPEAttention", "Attention")
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a capture keeps. Written into the summary so a run explains itself.
+
+    max_attn_queries: selected queries per attention call (clicks first).
+    stats_topk: k of the per-query top-k mass statistic (0 disables it).
+    all_query_stats: per-head statistics over every query (chunked); off = selected queries only.
+    keep_qkv: keep q/k/v of the windows/groups that hold selected queries.
+    layers: fnmatch patterns over layer keys; only matching modules are captured (None = all).
+    chunk_elements: scores per tile of the chunked statistics.
+    """
+
+    max_attn_queries: int = 4
+    stats_topk: int = 5
+    all_query_stats: bool = True
+    keep_qkv: bool = False
+    layers: tuple[str, ...] | None = None
+    chunk_elements: int = 1 << 20
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["layers"] = list(self.layers) if self.layers else None
+        return d
+
+
+@dataclass
+class QueryLocation:
+    """A place to look at, in original-image pixels: a click, a box centre or a user's query point."""
+
+    label: str
+    x: float
+    y: float
+
+
+def attention_kind(name: str, module: nn.Module) -> str:
+    cls = type(module).__name__
+    attr = name.rsplit(".", 1)[-1]
+    if cls == "MultiScaleAttention":
+        return "hiera"
+    if name.startswith("memory_attention"):
+        return "memory_cross" if "cross" in attr else "memory_self"
+    if attr == "self_attn":
+        return "decoder_self"
+    if attr == "cross_attn_image_to_token":
+        return "decoder_image_to_token"
+    return "decoder_token_to_image"
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _flat_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _flat_tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flat_tensors(o)]
+    return []
+
+
+def _summarise(values: torch.Tensor) -> dict[str, list[float]]:
+    """values: [h, n] -> per-head mean/min/max lists."""
+    if values.shape[-1] == 0:
+        z = [float("nan")] * values.shape[0]
+        return {"mean": z, "min": z, "max": z}
+    return {"mean": values.mean(-1).tolist(), "min": values.amin(-1).tolist(), "max": values.amax(-1).tolist()}
+
+
+@dataclass
+class _Pending:
+    record: AttentionRecord
+    picks: list[tuple[int, int]]
+    rows_out: torch.Tensor  # [n, h, d] recomputed kernel output rows
+
+
+class CaptureSession:
+    """Context manager that records every attention call and block output of `model` while it runs.
+
+    frame: original image <-> model input. locations: places (original pixels) whose tokens are selected
+    as queries, in priority order. Set `decoder_layout` before the mask decoder runs.
+    """
+
+    def __init__(self, model: nn.Module, options: CaptureOptions, frame: ImageFrame,
+                 locations: list[QueryLocation], on_record=None):
+        self.model = model
+        self.on_record = on_record
+        self.options = options
+        self.frame = frame
+        self.locations = locations
+        self.decoder_layout: DecoderTokenLayout | None = None
+        self.attention: list[AttentionRecord] = []
+        self.blocks: list[BlockRecord] = []
+        self._handles: list = []
+        self._routed: list[nn.Module] = []
+        self._calls: dict[str, int] = {}
+        self._block_in: dict[str, tuple] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._decoder_grid: tuple[int, int] | None = None
+        self.selected_modules: list[str] = []
+
+    # -- install / remove -------------------------------------------------------------------------
+    def _wanted(self, name: str, module: nn.Module | None = None) -> bool:
+        pats = self.options.layers
+        if pats is None:
+            return True
+        key = layer_key(_parent(name)) if type(module).__name__ == "MultiScaleAttention" else layer_key(name)
+        return any(fnmatch.fnmatchcase(key, p) for p in pats)
+
+    def __enter__(self):
+        if getattr(self.model, "compile_image_encoder", False) or hasattr(self.model, "_orig_mod"):
+            raise CaptureError("torch.compile'd models run hooks unreliably; build the model with "
+                               "compile_image_encoder=False to capture it", flag="--config")
+        modules = dict(self.model.named_modules())
+        for name, module in modules.items():
+            cls = type(module).__name__
+            if cls in ATTENTION_TYPES and self._wanted(name, module):
+                self.selected_modules.append(name)
+                state = dispatch.routing(module, name)
+                observer = self._make_observer(name, module)
+                state.observers.append(observer)
+                self._routed.append(module)
+                self._handles.append(module.register_forward_hook(self._make_post(name, module), always_call=True))
+                self._handles.append(_Detach(state.observers, observer))
+                if cls == "MultiScaleAttention":
+                    parent = modules[_parent(name)]
+                    self._handles.append(parent.register_forward_pre_hook(self._make_block_pre(name)))
+            elif cls in BLOCK_TYPES and self._wanted(name):
+                self._handles.append(module.register_forward_hook(self._make_block_post(name, module)))
+            if cls == "TwoWayTransformer":
+                self._handles.append(module.register_forward_pre_hook(self._decoder_pre, with_kwargs=True))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for h in self._handles:
+            h.remove()
+        for m in self._routed:
+            dispatch.release(m)
+        if exc_type is not None:
+            dispatch.reset()
+        return False
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _make_block_pre(self, attn_name):
+        def pre(module, args):
+            self._block_in[attn_name] = tuple(args[0].shape)  # [B, H, W, C] before norm1 / windowing
+        return pre
+
+    def _decoder_pre(self, module, args, kwargs):
+        emb = kwargs.get("image_embedding", args[0] if args else None)
+        self._decoder_grid = tuple(emb.shape[-2:])  # [B, C, h, w]
+
+    def _make_block_post(self, name, module):
+        def post(mod, args, output):
+            idx = self._calls.get(name, 0)
+            self._calls[name] = idx + 1
+            self.blocks.append(BlockRecord(
+                name=name, layer_key=layer_key(name), module_type=type(mod).__name__, call_index=idx,
+                inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _flat_tensors(args)],
+                outputs=[tensor_stats(t) for t in _flat_tensors(output)],
+            ))
+        return post
+
+    def _make_post(self, name, module):
+        def post(mod, args, output):
+            pending = self._pending.pop(name, None)
+            if pending is None or not isinstance(output, torch.Tensor):
+                return
+            rec = pending.record
+            rec.module_output = tensor_stats(output)
+            if not pending.picks:
+                rec.module_max_abs_err = 0.0
+                return
+            proj = mod.proj if hasattr(mod, "proj") else mod.out_proj
+            G = rec.q_shape[0]
+            real = output.reshape(G, -1, output.shape[-1])  # [G, Nq, C]
+            g = torch.tensor([p[0] for p in pending.picks], device=output.device)
+            i = torch.tensor([p[1] for p in pending.picks], device=output.device)
+            real_rows = real[g, i].float()  # [n, C]
+            n, h, d = pending.rows_out.shape
+            with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+                mine = proj(pending.rows_out.reshape(n, h * d).to(proj.weight.dtype)).float()  # heads-major concat
+            rec.module_max_abs_err = (mine - real_rows).abs().max().item()
+        return post
+
+    def _make_observer(self, name, module):
+        kind = attention_kind(name, module)
+
+        def observe(view: dispatch.KernelView, out: torch.Tensor):
+            with torch.no_grad():
+                self._observe(name, module, kind, view, out)
+        return observe
+
+    # -- the record -------------------------------------------------------------------------------
+    def _observe(self, name, module, kind, view, out):
+        q, k, v = view.q, view.k, view.v  # [G, h, N, d]
+        G, h, nq, hd = q.shape
+        nk = k.shape[-2]
+        geometry, queries, valid = self._geometry_and_queries(name, kind, q.shape, k.shape)
+        picks = [(s.group, s.index) for s in queries]
+        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks)
+        kernel_err = 0.0
+        if picks:
+            g = torch.tensor([p[0] for p in picks], device=q.device)
+            i = torch.tensor([p[1] for p in picks], device=q.device)
+            kernel_err = (out[g, :, i].float() - rows_out).abs().max().item()
+
+        query_stats, head_stats = None, {}
+        if self.options.all_query_stats:
+            query_stats = query_statistics(q, k, view.scale, view.probs_transform, self.options.stats_topk,
+                                           self.options.chunk_elements)
+            for stat, values in query_stats.items():
+                per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
+                if valid is not None:
+                    per_head = per_head[:, valid.reshape(-1)]
+                head_stats[stat] = _summarise(per_head)
+        selected = []
+        if picks:
+            sel = query_statistics(q[g, :, i].unsqueeze(2), k[g], view.scale, view.probs_transform,
+                                   self.options.stats_topk, self.options.chunk_elements)
+            for n, spec in enumerate(queries):
+                selected.append({"label": spec.label, **{s: sel[s][n, :, 0].tolist() for s in STAT_NAMES}})
+
+        qkv = None
+        if self.options.keep_qkv and picks:
+            groups = sorted({p[0] for p in picks})
+            gi = torch.tensor(groups, device=q.device)
+            qkv = {"groups": groups, "q": q[gi].detach().cpu().clone(), "k": k[gi].detach().cpu().clone(),
+                   "v": v[gi].detach().cpu().clone(), "scale": view.scale}
+
+        idx = self._calls.get(name, 0)
+        self._calls[name] = idx + 1
+        # A Hiera attention belongs to its block's layer key (image_encoder_trunk_blocks_N), as SPEC.md names layers.
+        key = layer_key(_parent(name)) if kind == "hiera" else layer_key(name)
+        record = AttentionRecord(
+            name=name, layer_key=key, module_type=type(module).__name__, kind=geometry["kind"],
+            call_index=idx, q_shape=list(q.shape), k_shape=list(k.shape), v_shape=list(v.shape), heads=h,
+            head_dim=hd, scale=float(view.scale), kernel_dtype=str(q.dtype).replace("torch.", ""),
+            geometry=geometry, queries=queries, probs=probs.cpu(),
+            query_stats={s: t.cpu() for s, t in query_stats.items()} if query_stats else None,
+            head_stats=head_stats, selected_stats=selected, kernel_max_abs_err=kernel_err, qkv=qkv,
+        )
+        self.attention.append(record)
+        self._pending[name] = _Pending(record, picks, rows_out)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _geometry_and_queries(self, name, kind, q_shape, k_shape):
+        """Geometry dict, selected queries and the mask of real (non-padding) queries [G, Nq] or None."""
+        G, h, nq, _ = q_shape
+        nk = k_shape[-2]
+        limit = self.options.max_attn_queries
+        frame = self.frame
+        if kind == "hiera":
+            B, H, W, _ = self._block_in[name]
+            block = dict(self.model.named_modules())[_parent(name)]
+            geo = HieraLayerGeometry(batch=B, in_h=H, in_w=W, window=block.window_size,
+                                     q_stride=block.q_stride[0] if block.q_stride else 1)
+            assert geo.groups == G and geo.queries_per_group == nq and geo.keys_per_group == nk, (name, geo, q_shape, k_shape)
+            oh, ow = geo.out_hw
+            queries = []
+            for loc in self.locations:
+                row, col = frame.token_at(loc.x, loc.y, oh, ow)
+                grp, idx = geo.locate_query(row, col)
+                if any(s.group == grp and s.index == idx for s in queries):
+                    continue
+                queries.append(QuerySpec(
+                    label=loc.label, group=grp, index=idx, cell=(row, col),
+                    pixel_box=frame.token_box(row, col, oh, ow), key_block=list(geo.key_rows_cols(grp)),
+                    source_cells=list(geo.query_source_cells(grp, idx)) if geo.q_stride > 1 else None))
+                if len(queries) == limit:
+                    break
+            rows = torch.arange(G).view(G, 1)
+            idx = torch.arange(nq).view(1, nq)
+            if geo.window:
+                nwy, nwx = geo.windows_hw
+                w = rows % (nwy * nwx)
+                qr = (w // nwx) * geo.q_window + idx // geo.q_window
+                qc = (w % nwx) * geo.q_window + idx % geo.q_window
+                valid = (qr < oh) & (qc < ow)
+            else:
+                valid = None
+            geometry = {**geo.to_dict(), "keys": "grid", "frame": frame.to_dict()}
+            return geometry, queries, valid
+
+        grid = self._decoder_grid or (int(round(nq ** 0.5)),) * 2
+        gh, gw = grid
+        grid_geo = GridGeometry(gh, gw)
+
+        def image_queries():
+            out = []
+            for loc in self.locations:
+                row, col = frame.token_at(loc.x, loc.y, gh, gw)
+                idx = grid_geo.index(row, col)
+                if not any(s.index == idx for s in out):
+                    out.append(QuerySpec(label=loc.label, group=0, index=idx, cell=(row, col),
+                                         pixel_box=frame.token_box(row, col, gh, gw)))
+                if len(out) == limit:
+                    break
+            return out
+
+        def token_queries():
+            layout = self.decoder_layout
+            roles = layout.roles if layout and len(layout.roles) == nq else [f"token{i}" for i in range(nq)]
+            order = layout.priority() if layout and len(layout.roles) == nq else list(range(nq))
+            return roles, [QuerySpec(label=roles[i], group=0, index=i) for i in order[:limit]]
+
+        if kind == "decoder_token_to_image":
+            roles, queries = token_queries()
+            for s in queries:
+                s.key_block = [0, gh, 0, gw]
+            geometry = {"kind": kind, "query_roles": roles, "keys": "grid", "key_grid_hw": [gh, gw],
+                        **grid_geo.to_dict(), "frame": frame.to_dict()}
+        elif kind == "decoder_self":
+            roles, queries = token_queries()
+            geometry = {"kind": kind, "query_roles": roles, "keys": "tokens", "key_roles": roles}
+        elif kind == "decoder_image_to_token":
+            layout = self.decoder_layout
+            key_roles = layout.roles if layout and len(layout.roles) == nk else [f"token{i}" for i in range(nk)]
+            queries = image_queries()
+            geometry = {"kind": kind, "query_grid_hw": [gh, gw], "keys": "tokens", "key_roles": key_roles,
+                        **grid_geo.to_dict(), "frame": frame.to_dict()}
+        else:  # memory attention: queries are the current frame's image tokens
+            queries = image_queries() if gh * gw == nq else []
+            keys = "grid" if nk == gh * gw else "sequence"
+            geometry = {"kind": kind, "query_grid_hw": [gh, gw], "keys": keys, "key_grid_hw": [gh, gw],
+                        "frame": frame.to_dict()}
+            if keys == "grid":
+                for s in queries:
+                    s.key_block = [0, gh, 0, gw]
+        return geometry, queries, None
+
+
+class _Detach:
+    """A removable handle that takes an observer off a module's routing state."""
+
+    def __init__(self, observers: list, observer):
+        self.observers, self.observer = observers, observer
+
+    def remove(self):
+        if self.observer in self.observers:
+            self.observers.remove(self.observer)

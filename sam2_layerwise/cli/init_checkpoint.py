@@ -1,0 +1,33 @@
+"""`sam2-layerwise init-checkpoint`: a seeded random-weight checkpoint in SAM 2's own format."""
+
+from __future__ import annotations
+
+import logging
+
+from sam2_layerwise.cli.common import add_model_flags, setup_logging
+from sam2_layerwise.errors import InputError
+
+EXAMPLES = """examples:
+  sam2-layerwise init-checkpoint --config configs/sam2.1/sam2.1_hiera_b+.yaml --output random_b+.pt --seed 1"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, metavar="NAME_OR_YAML", help="SAM 2 config name or YAML file")
+    p.add_argument("--output", required=True, help="where to write the .pt file")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from sam2_layerwise.model import build_model, save_checkpoint
+
+    setup_logging(args.quiet)
+    out = Path(args.output)
+    if out.is_dir():
+        raise InputError("is a directory", flag="--output", value=args.output)
+    loaded = build_model(args.config, random_init=True, seed=args.seed, device="cpu")
+    save_checkpoint(loaded.model, out)
+    logging.getLogger(__name__).info("wrote random-weight checkpoint (seed %d, %s) to %s", args.seed,
+                                     loaded.config_path.name, out)
+    return 0

@@ -1,0 +1,72 @@
+"""`sam2-layerwise`: one console script, one subcommand per pipeline stage, one error -> exit mapping."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from sam2_layerwise.cli.common import Parser
+from sam2_layerwise.errors import LayerwiseError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+EPILOG = """examples:
+  sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_t.yaml --checkpoint sam2.1_hiera_tiny \\
+      --image examples/images/chelsea.png --points 220 150 1 --save-attn --render-attn-overlay
+  sam2-layerwise init-checkpoint --config configs/sam2.1/sam2.1_hiera_b+.yaml --output random_b+.pt
+run 'sam2-layerwise COMMAND --help' for a command's flags."""
+
+
+def _commands():
+    """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
+    from sam2_layerwise.cli import init_checkpoint, visualize
+
+    return {
+        "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
+        "init-checkpoint": (init_checkpoint, "write a randomly initialised checkpoint in SAM 2's format (tests, benchmarks)"),
+    }
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sam2-layerwise", description="Open SAM 2 up layer by layer.", epilog=EPILOG,
+                    formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (module, help_text) in _commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(module, "EXAMPLES", None),
+                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--traceback", action="store_true", help="show Python tracebacks (for developers)")
+        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return int(args._run(args) or 0)
+    except LayerwiseError as exc:
+        if args.traceback:
+            raise
+        sys.stderr.write(f"sam2-layerwise {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("sam2-layerwise: interrupted; nothing was written\n")
+        return 130
+    except Exception as exc:  # a bug, not a user mistake
+        if args.traceback:
+            raise
+        sys.stderr.write(f"sam2-layerwise {args.command}: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with --traceback and report it)\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`sam2-layerwise visualize`: the seed's visualize_layerwise.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from sam2_layerwise.cli.common import add_model_flags, nonnegative_int, positive_int, setup_logging
+
+log = logging.getLogger("sam2_layerwise")
+
+EXAMPLES = """examples:
+  # the seed's command: b+ checkpoint, one foreground click, tensors and q/k/v saved
+  sam2-layerwise visualize --config configs/sam2/sam2_hiera_b+.yaml --checkpoint checkpoints/sam2_hiera_base_plus.pt \\
+      --image photo.jpg --points 320 240 1 --output-dir sam2_logs/layerwise_debug \\
+      --save-attn --save-qkv --max-attn-queries 2 --max-tokens 512
+  # official tiny model by id, a click and a box, only the decoder layers
+  sam2-layerwise visualize --checkpoint sam2.1_hiera_tiny --image photo.jpg --points 100 80 1 --box 40 30 200 160 \\
+      --layers 'sam_mask_decoder*'
+  # random weights on purpose (no checkpoint), the bundled cat
+  sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_t.yaml --random-init \\
+      --image examples/images/chelsea.png --points 220 150 1"""
+
+
+def add_arguments(p) -> None:
+    add_model_flags(p)
+    p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    p.add_argument("--points", nargs="+", default=[], metavar="X_Y_LABEL",
+                   help="clicks as x y label triples in original-image pixels (label 1 foreground, 0 background)")
+    p.add_argument("--box", nargs="+", default=None, metavar="X0_Y0_X1_Y1", help="box prompt x0 y0 x1 y1 in pixels")
+    p.add_argument("--query-points", nargs="+", default=[], metavar="X_Y",
+                   help="extra places (x y pairs, pixels) whose tokens are inspected after the clicks")
+    p.add_argument("--output-dir", default="sam2_logs/layerwise_debug", help="run directory (default %(default)s)")
+    p.add_argument("--save-attn", action="store_true", help="save attention maps of the selected queries")
+    p.add_argument("--save-qkv", action="store_true", help="save q/k/v as the attention kernel saw them")
+    p.add_argument("--max-attn-queries", type=positive_int, default=4,
+                   help="selected query tokens per attention call, clicks first (default %(default)s)")
+    p.add_argument("--max-tokens", type=positive_int, default=4096,
+                   help="cap on the key dimension of saved/rendered maps; larger maps are sum-pooled over spatial "
+                        "blocks so they stay distributions (default %(default)s)")
+    p.add_argument("--layers", default=None, help="only these layers: names, globs, comma lists, ranges "
+                                                  "(image_encoder_trunk_blocks_0:11)")
+    p.add_argument("--query-stats", choices=["all", "selected"], default="all",
+                   help="per-head statistics over every query (default) or only the selected ones (faster)")
+    p.add_argument("--stats-topk", type=nonnegative_int, default=5, help="k of the top-k mass statistic (default 5)")
+    p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
+    add_render_arguments(p)
+
+
+def add_render_arguments(p) -> None:
+    p.add_argument("--render-attn-overlay", action="store_true", help="write attention overlays on the photograph")
+    p.add_argument("--attn-overlay-only", action="store_true", help="write overlays only (no attention images)")
+    p.add_argument("--cmap", default="plasma", help="matplotlib colormap name (default %(default)s)")
+    p.add_argument("--topk-attn", type=nonnegative_int, default=0, metavar="K", help="write top-k lists (0 = off)")
+    p.add_argument("--topk-symlink", action="store_true", help="also link the top-k images under attn_topk/<kind>/")
+
+
+def prepare(args):
+    """Validate every input before anything is loaded or written. Returns (image, prompts, out_dir)."""
+    from sam2_layerwise.inputs import load_image, parse_prompts
+    from sam2_layerwise.store.layout import check_output_dir
+
+    out_dir = check_output_dir(args.output_dir)
+    image = load_image(args.image)
+    h, w = image.shape[:2]
+    prompts = parse_prompts(args.points, args.box, args.query_points, w, h)
+    return image, prompts, out_dir
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from sam2_layerwise import layers as layer_sel
+    from sam2_layerwise.api import capture_image
+    from sam2_layerwise.capture import CaptureOptions
+    from sam2_layerwise.model import build_model
+    from sam2_layerwise.store.image_run import OutputOptions, write_image_run
+    from sam2_layerwise.store.layout import RunWriter
+
+    setup_logging(args.quiet)
+    image, prompts, out_dir = prepare(args)
+    t0 = time.perf_counter()
+    loaded = build_model(args.config, args.checkpoint, random_init=args.random_init, device=args.device, seed=args.seed)
+    keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
+    chosen = layer_sel.select(keys, args.layers)
+    options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
+                             all_query_stats=args.query_stats == "all", keep_qkv=args.save_qkv,
+                             layers=None if args.layers is None else tuple(chosen))
+    log.info("model: %s (%s, %.1f M parameters) on %s; capturing %d attention modules",
+             loaded.config_path.name, "RANDOM WEIGHTS" if loaded.random_init else loaded.checkpoint_path,
+             sum(p.numel() for p in loaded.model.parameters()) / 1e6, loaded.device, len(chosen))
+
+    with tqdm(total=len(chosen), desc="capturing", unit="attn", disable=None if not args.quiet else True) as bar:
+        cap = capture_image(loaded.model, image, prompts, options, multimask=not args.single_mask,
+                            precision=args.precision, on_record=lambda r: bar.update(1))
+    t_capture = time.perf_counter() - t0
+
+    opts = OutputOptions(save_attn=args.save_attn, save_qkv=args.save_qkv, max_tokens=args.max_tokens)
+    h, w = image.shape[:2]
+    with RunWriter(out_dir) as writer:
+        summary = write_image_run(
+            writer, cap, image, model_info=loaded.describe(),
+            image_info={"path": str(Path(args.image).resolve()), "width": w, "height": h},
+            opts=opts, command=["sam2-layerwise", "visualize", *_argv_tail(args)],
+            extra_summary={"timing_s": {"load_and_capture": round(t_capture, 3)}},
+        )
+    fid = summary["fidelity"]
+    log.info("captured %d attention calls and %d block outputs in %.1f s; worst fidelity error %.2e (%s)",
+             len(cap.attention), len(cap.blocks), t_capture, max(fid["max_module_abs_err"], fid["max_kernel_abs_err"]),
+             "ok" if fid["ok"] else "n/a outside fp32" if fid["ok"] is None else "ABOVE 1e-4")
+    log.info("wrote %d files to %s (summary: %s)", len(writer.written), out_dir, out_dir / "layerwise_summary.json")
+    if loaded.random_init:
+        log.warning("note: RANDOM WEIGHTS were used (--random-init)")
+    return 0
+
+
+def _argv_tail(args) -> list[str]:
+    import sys
+
+    return sys.argv[2:] if len(sys.argv) > 2 else []

@@ -1,0 +1,114 @@
+"""User inputs: the photograph and the prompts, validated before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sam2_layerwise.errors import InputError
+
+
+def load_image(path: str | Path, flag: str = "--image") -> np.ndarray:
+    """Read any image Pillow reads -> HWC uint8 RGB, EXIF orientation applied.
+
+    Grey, palette, CMYK and RGBA images are converted to RGB (alpha dropped); 16-bit and float images are
+    scaled to 8 bits.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file", flag=flag, value=str(path))
+    if not p.is_file():
+        raise InputError("not a file", flag=flag, value=str(path))
+    try:
+        with Image.open(p) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise InputError("not an image file Pillow can read", flag=flag, value=str(path)) from None
+    except OSError as exc:
+        raise InputError(f"cannot read image: {exc}", flag=flag, value=str(path)) from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a / 257.0, 0, 255) if a.max() > 255 else a
+        im = Image.fromarray(a.astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.astype(np.uint8), "L")
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise InputError("empty image", flag=flag, value=str(path))
+    return np.ascontiguousarray(rgb)
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float
+    y: float
+    label: int  # 1 foreground, 0 background
+
+
+@dataclass
+class Prompts:
+    """Clicks and box in original-image pixels, and extra query locations to inspect."""
+
+    points: list[Point] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+    queries: list[tuple[float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"points": [[p.x, p.y, p.label] for p in self.points], "box": list(self.box) if self.box else None,
+                "queries": [list(q) for q in self.queries], "frame": "original image pixels (x right, y down)"}
+
+
+def _numbers(values, flag) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise InputError(f"'{v}' is not a number", flag=flag, value=list(values)) from None
+    return out
+
+
+def _inside(x, y, w, h, flag, values):
+    if not (0 <= x < w and 0 <= y < h):
+        raise InputError(f"({x:g}, {y:g}) is outside the {w}x{h} image", flag=flag, value=values)
+
+
+def parse_prompts(points, box, queries, width: int, height: int) -> Prompts:
+    """Validate `--points x y label ...`, `--box x0 y0 x1 y1` and `--query-points x y ...` for a w x h image."""
+    prompts = Prompts()
+    if points:
+        if len(points) % 3:
+            raise InputError(f"expects x y label triples; got {len(points)} values", flag="--points", value=list(points))
+        nums = _numbers(points, "--points")
+        for i in range(0, len(nums), 3):
+            x, y, label = nums[i:i + 3]
+            if label not in (0.0, 1.0):
+                raise InputError(f"label {label:g} is not 0 (background) or 1 (foreground)", flag="--points", value=list(points))
+            _inside(x, y, width, height, "--points", list(points))
+            prompts.points.append(Point(x, y, int(label)))
+    if box:
+        if len(box) != 4:
+            raise InputError(f"expects 4 numbers x0 y0 x1 y1; got {len(box)}", flag="--box", value=list(box))
+        x0, y0, x1, y1 = _numbers(box, "--box")
+        if not (x1 > x0 and y1 > y0):
+            raise InputError("needs x0 < x1 and y0 < y1", flag="--box", value=list(box))
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise InputError(f"is outside the {width}x{height} image", flag="--box", value=list(box))
+        prompts.box = (x0, y0, x1, y1)
+    if queries:
+        if len(queries) % 2:
+            raise InputError(f"expects x y pairs; got {len(queries)} values", flag="--query-points", value=list(queries))
+        nums = _numbers(queries, "--query-points")
+        for i in range(0, len(nums), 2):
+            _inside(nums[i], nums[i + 1], width, height, "--query-points", list(queries))
+            prompts.queries.append((nums[i], nums[i + 1]))
+    if not prompts.points and prompts.box is None:
+        raise InputError("give at least one click (--points x y label) or a --box", flag="--points")
+    return prompts

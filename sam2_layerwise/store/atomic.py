@@ -1,0 +1,45 @@
+"""Atomic writes: every file appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    return _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_json(obj, path: Path) -> Path:
+    return atomic_write_bytes((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode(), Path(path))
+
+
+def atomic_save_png(image, path: Path) -> Path:
+    """Save a PIL image as PNG atomically."""
+    return _atomic(Path(path), lambda f: image.save(f, format="PNG"))
+
+
+def safe_load(path: Path):
+    """Every saved tensor file is read back with weights_only=True."""
+    return torch.load(path, map_location="cpu", weights_only=True)
