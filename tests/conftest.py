@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny SAM 2.1-shaped model (saved and loaded as a real SAM 2 checkpoint) and real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sam2_layerwise.inputs import load_image
+from sam2_layerwise.model import build_model, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "sam2_layerwise" / "configs" / "sam2_tiny_test.yaml")
+CHELSEA = REPO / "examples" / "images" / "chelsea.png"  # 451 x 300, non-square
+COFFEE = REPO / "examples" / "images" / "coffee.png"  # 600 x 400
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Seeded random weights for the tiny config, written in SAM 2's own format ({"model": state_dict})."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_random.pt"
+    save_checkpoint(build_model(TINY_CONFIG, random_init=True, seed=0, device="cpu").model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    return build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu").model
+
+
+@pytest.fixture(scope="session")
+def tiny160_model(tiny_checkpoint):
+    """The tiny model at 160 px: stage-3 and stage-4 grids (10, 5) are padded to whole windows."""
+    return build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu", overrides={"model.image_size": 160}).model
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    return load_image(CHELSEA)
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    return load_image(COFFEE)
