@@ -44,7 +44,10 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, see Parser.error) and --help
+        return int(exc.code or 0)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE

@@ -21,6 +21,9 @@ ATTN_IMAGES = "attn_images"
 ATTN_OVERLAYS = "attn_overlays"
 ATTN_TOPK = "attn_topk"
 
+# Entries a run owns in its output directory; a new run replaces all of them (stale ones are removed).
+MANAGED = (SUMMARY, PREDICTIONS, PREDICTION_IMAGES, ATTN_TENSORS, ATTN_IMAGES, ATTN_OVERLAYS, ATTN_TOPK)
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -75,13 +78,18 @@ class RunWriter:
             shutil.rmtree(self.staging, ignore_errors=True)
             return False
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        entries = sorted(self.staging.iterdir(), key=lambda e: e.name == SUMMARY)  # summary last
-        for entry in entries:
-            target = self.output_dir / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(entry, target)
+        # The old summary goes first and the new one comes last, so a summary always describes what is there.
+        staged = {e.name for e in self.staging.iterdir()}
+        for name in (SUMMARY, *MANAGED, *staged):
+            _remove(self.output_dir / name)
+        for entry in sorted(self.staging.iterdir(), key=lambda e: e.name == SUMMARY):
+            os.replace(entry, self.output_dir / entry.name)
         self.staging.rmdir()
         return False
+
+
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
