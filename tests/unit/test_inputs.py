@@ -1,0 +1,53 @@
+"""Image loading conventions and prompt validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam2_layerwise.errors import InputError
+from sam2_layerwise.inputs import load_image, parse_prompts
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :10] = 255  # white stripe on the left of a 40-wide, 20-high image
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.shape == (40, 20, 3)  # displayed upright: portrait
+    assert out[:10, :, 0].mean() > 200 and out[-10:, :, 0].mean() < 50  # the stripe is now at the top
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK"])
+def test_modes_become_rgb(tmp_path, mode):
+    rgb = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(20, 30, 3)
+    im = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / f"im.{'jpg' if mode == 'CMYK' else 'png'}"
+    im.save(path)
+    out = load_image(path)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_16_bit_grey_is_scaled(tmp_path):
+    a = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    out = load_image(tmp_path / "g16.png")
+    assert out.shape == (2, 2, 3)
+    assert out[..., 0].tolist() == [[0, 255], [128, 1]]
+
+
+def test_prompt_validation():
+    p = parse_prompts(["10", "20", "1", "5.5", "6", "0"], ["1", "2", "30", "40"], ["3", "4"], 50, 50)
+    assert [(q.x, q.y, q.label) for q in p.points] == [(10, 20, 1), (5.5, 6, 0)]
+    assert p.box == (1, 2, 30, 40) and p.queries == [(3, 4)]
+    with pytest.raises(InputError, match=r"^--points 50 1 1: \(50, 1\) is outside the 50x50 image"):
+        parse_prompts(["50", "1", "1"], None, None, 50, 50)
+    with pytest.raises(InputError, match="--box.*x0 < x1"):
+        parse_prompts(None, ["30", "2", "10", "40"], None, 50, 50)
+    with pytest.raises(InputError, match="--points: give at least one click"):
+        parse_prompts(None, None, ["1", "1"], 50, 50)
