@@ -1,0 +1,103 @@
+"""Capture overhead against plain SAM 2, in one run.
+
+Times `SAM2ImagePredictor.set_image` + `predict` with plain SAM 2 and with capture (default: statistics over
+every query + selected queries; and `--query-stats selected`), interleaved, on the b+ architecture at 1024 with
+random weights saved and loaded as a real SAM 2 checkpoint. Peak memory is measured in fresh child processes
+(ru_maxrss), so each mode's peak is its own. Prints ratios against plain SAM 2.
+
+    .venv/bin/python benchmarks/bench_capture.py [--config configs/sam2.1/sam2.1_hiera_b+.yaml] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = REPO / "examples" / "images" / "coffee.png"
+MODES = {
+    "plain": None,
+    "capture (all-query stats)": {"all_query_stats": True},
+    "capture (selected queries)": {"all_query_stats": False},
+}
+
+
+def _setup(config, checkpoint):
+    from sam2_layerwise import build_model, load_image, parse_prompts
+
+    model = build_model(config, str(checkpoint), device="cpu").model
+    image = load_image(IMAGE)
+    prompts = parse_prompts([320, 240, 1], None, None, image.shape[1], image.shape[0])
+    return model, image, prompts
+
+
+def _run(mode, model, image, prompts):
+    from sam2_layerwise import CaptureOptions, capture_image, run_plain
+
+    t = time.perf_counter()
+    if MODES[mode] is None:
+        run_plain(model, image, prompts)
+    else:
+        capture_image(model, image, prompts, CaptureOptions(max_attn_queries=2, **MODES[mode]))
+    return time.perf_counter() - t
+
+
+def child(mode, config, checkpoint):
+    model, image, prompts = _setup(config, checkpoint)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = _run(mode, model, image, prompts)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mode": mode, "seconds": seconds, "peak_mib": peak / 1024, "before_mib": before / 1024}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/sam2.1/sam2.1_hiera_b+.yaml")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.child:
+        return child(args.child, args.config, args.checkpoint)
+
+    from sam2_layerwise.model import build_model, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "random.pt"
+        save_checkpoint(build_model(args.config, random_init=True, device="cpu").model, ckpt)
+        print(f"model: {args.config}, random weights saved and loaded as a SAM 2 checkpoint; image {IMAGE.name}; "
+              f"torch threads {torch.get_num_threads()}", flush=True)
+
+        peaks = {}
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--config", args.config,
+                                  "--checkpoint", str(ckpt)], capture_output=True, text=True, check=True)
+            peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+        model, image, prompts = _setup(args.config, ckpt)
+        _run("plain", model, image, prompts)  # warm-up
+        times = {m: [] for m in MODES}
+        for _ in range(args.repeats):
+            for mode in MODES:  # interleaved, so drift hits every mode alike
+                times[mode].append(_run(mode, model, image, prompts))
+
+    base_t = statistics.median(times["plain"])
+    print(f"\n{'mode':30s} {'median s':>9s} {'ratio':>7s} {'peak MiB':>9s} {'extra MiB':>10s}")
+    for mode in MODES:
+        t = statistics.median(times[mode])
+        print(f"{mode:30s} {t:9.2f} {t / base_t:7.3f} {peaks[mode]:9.0f} {peaks[mode] - peaks['plain']:10.0f}")
+    print("\ntargets: default capture <= 1.10 x plain; extra peak memory <= 300 MiB")
+
+
+if __name__ == "__main__":
+    main()
