@@ -45,6 +45,8 @@ def add_arguments(p) -> None:
                    help="per-head statistics over every query (default) or only the selected ones (faster)")
     p.add_argument("--stats-topk", type=nonnegative_int, default=5, help="k of the top-k mass statistic (default 5)")
     p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="override the config's image_size (a multiple of 32 that fits the Hiera windows)")
     add_render_arguments(p)
 
 
@@ -82,7 +84,9 @@ def run(args) -> int:
     setup_logging(args.quiet)
     image, prompts, out_dir = prepare(args)
     t0 = time.perf_counter()
-    loaded = build_model(args.config, args.checkpoint, random_init=args.random_init, device=args.device, seed=args.seed)
+    overrides = {"model.image_size": args.image_size} if args.image_size else None
+    loaded = build_model(args.config, args.checkpoint, random_init=args.random_init, device=args.device, seed=args.seed,
+                         overrides=overrides)
     keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
     chosen = layer_sel.select(keys, args.layers)
     options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
