@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import urllib.error
 from dataclasses import dataclass
@@ -214,6 +215,7 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     if getattr(model, "compile_image_encoder", False):
         raise ModelError("compile_image_encoder=True: torch.compile'd encoders run capture hooks badly; "
                          "set it to False", flag="--config", value=config)
+    _check_image_size(model, "--image-size" if overrides and "model.image_size" in overrides else "--config")
     if state is not None:
         check_state_dict(model, state, "--checkpoint", str(checkpoint))
         model.load_state_dict(state)
@@ -223,6 +225,17 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     model = model.to(dev).eval()
     return LoadedModel(model=model, config_path=resolve_config(config), checkpoint_path=ckpt_path, device=dev,
                        random_init=state is None)
+
+
+def _check_image_size(model, flag: str) -> None:
+    """Hiera needs the stride-4 grid to tile whole first-stage windows and every stage to halve evenly."""
+    size = int(model.image_size)
+    trunk = getattr(getattr(model, "image_encoder", None), "trunk", None)
+    first = int(trunk.window_spec[0]) if trunk is not None and hasattr(trunk, "window_spec") else 1
+    step = math.lcm(32, 4 * first)
+    if size % step:
+        raise ModelError(f"image_size must be a multiple of {step} for this Hiera (stride 32, first window "
+                         f"{first} tokens of 4 px); e.g. {max(step, size // step * step)}", flag=flag, value=size)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:

@@ -159,3 +159,9 @@ def test_offline_download_fails_clearly(tmp_path, monkeypatch):
     msg = str(info.value)
     assert msg.startswith("--checkpoint facebook/sam2.1-hiera-tiny:") and "sam2.1_hiera_tiny.pt" in msg
     assert not (tmp_path / "cache" / "sam2.1_hiera_tiny.pt").exists()
+
+
+def test_image_size_that_does_not_fit(run_cli):
+    code, err, out = run_cli("--image-size", "100")
+    assert code == 2 and not out.exists()
+    _one_line(err, "--image-size 100", "multiple of 32")
