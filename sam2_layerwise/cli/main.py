@@ -20,10 +20,11 @@ run 'sam2-layerwise COMMAND --help' for a command's flags."""
 
 def _commands():
     """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
-    from sam2_layerwise.cli import init_checkpoint, visualize
+    from sam2_layerwise.cli import init_checkpoint, render, visualize
 
     return {
         "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
+        "render": (render, "draw a saved run again without the model: colormap, overlays, more queries, top-k"),
         "init-checkpoint": (init_checkpoint, "write a randomly initialised checkpoint in SAM 2's format (tests, benchmarks)"),
     }
 

@@ -51,7 +51,11 @@ def add_arguments(p) -> None:
 
 
 def add_render_arguments(p) -> None:
-    p.add_argument("--render-attn-overlay", action="store_true", help="write attention overlays on the photograph")
+    p.add_argument("--render-attn", action="store_true",
+                   help="write attention images (attn_images/): each selected query's head-mean map on its key grid")
+    p.add_argument("--render-attn-overlay", action="store_true",
+                   help="write attention overlays on the photograph (attn_overlays/), and attention images")
+    p.add_argument("--render-attn-heads", action="store_true", help="also draw one map per head")
     p.add_argument("--attn-overlay-only", action="store_true", help="write overlays only (no attention images)")
     p.add_argument("--cmap", default="plasma", help="matplotlib colormap name (default %(default)s)")
     p.add_argument("--topk-attn", type=nonnegative_int, default=0, metavar="K", help="write top-k lists (0 = off)")
@@ -63,6 +67,9 @@ def prepare(args):
     from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.store.layout import check_output_dir
 
+    from sam2_layerwise.cli.render import check_render_args
+
+    check_render_args(args)
     out_dir = check_output_dir(args.output_dir)
     image = load_image(args.image)
     h, w = image.shape[:2]
@@ -89,8 +96,13 @@ def run(args) -> int:
                          overrides=overrides)
     keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
     chosen = layer_sel.select(keys, args.layers)
+    from sam2_layerwise.cli.render import render_plan
+    from sam2_layerwise.render.run import render_capture
+
+    plan = render_plan(args)
+    # q/k are kept in memory when drawing: decoder image->token maps need every image query's attention
     options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
-                             all_query_stats=args.query_stats == "all", keep_qkv=args.save_qkv,
+                             all_query_stats=args.query_stats == "all", keep_qkv=args.save_qkv or plan.active,
                              layers=None if args.layers is None else tuple(chosen))
     log.info("model: %s (%s, %.1f M parameters) on %s; capturing %d attention modules",
              loaded.config_path.name, "RANDOM WEIGHTS" if loaded.random_init else loaded.checkpoint_path,
@@ -103,12 +115,14 @@ def run(args) -> int:
 
     opts = OutputOptions(save_attn=args.save_attn, save_qkv=args.save_qkv, max_tokens=args.max_tokens)
     h, w = image.shape[:2]
+    timing = {"load_and_capture": round(t_capture, 3)}
     with RunWriter(out_dir) as writer:
         summary = write_image_run(
             writer, cap, image, model_info=loaded.describe(),
             image_info={"path": str(Path(args.image).resolve()), "width": w, "height": h},
             opts=opts, command=["sam2-layerwise", "visualize", *_argv_tail(args)],
-            extra_summary={"timing_s": {"load_and_capture": round(t_capture, 3)}},
+            extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {})},
+            before_summary=lambda w: _timed(timing, "render", lambda: render_capture(w, cap, image, plan)),
         )
     fid = summary["fidelity"]
     log.info("captured %d attention calls and %d block outputs in %.1f s; worst fidelity error %.2e (%s)",
@@ -118,6 +132,13 @@ def run(args) -> int:
     if loaded.random_init:
         log.warning("note: RANDOM WEIGHTS were used (--random-init)")
     return 0
+
+
+def _timed(timing: dict, key: str, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    timing[key] = round(time.perf_counter() - t0, 3)
+    return out
 
 
 def _argv_tail(args) -> list[str]:

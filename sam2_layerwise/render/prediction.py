@@ -34,10 +34,15 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> Ima
 
 
 def label(img: Image.Image, text: str) -> Image.Image:
+    """`text` in white on a black box at the top-left, in a font that grows with the photograph."""
+    from sam2_layerwise.render.colors import font
+
     draw = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = draw.textbbox((6, 6), text)
-    draw.rectangle([x0 - 4, y0 - 3, x1 + 4, y1 + 3], fill=(0, 0, 0))
-    draw.text((6, 6), text, fill=(255, 255, 255))
+    fnt = font(max(12, min(48, min(img.size) // 28)))
+    pad = max(4, fnt.size // 3)
+    x0, y0, x1, y1 = draw.textbbox((pad + 2, pad + 2), text, font=fnt)
+    draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], fill=(0, 0, 0))
+    draw.text((pad + 2, pad + 2), text, fill=(255, 255, 255), font=fnt)
     return img
 
 
