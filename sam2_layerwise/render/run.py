@@ -34,7 +34,10 @@ class RenderPlan:
         return self.draw.images or self.draw.overlays
 
     def to_dict(self) -> dict:
-        return {**self.draw.to_dict(), **self.maps.__dict__, "topk": self.topk, "topk_symlink": self.topk_symlink}
+        maps = dict(self.maps.__dict__)
+        if maps["max_queries"] >= 1 << 30:  # `render` without --max-attn-queries: every saved and asked query
+            maps["max_queries"] = None
+        return {**self.draw.to_dict(), **maps, "topk": self.topk, "topk_symlink": self.topk_symlink}
 
 
 def render_views(views: list[RecordView], photo: np.ndarray, frame: ImageFrame, plan: RenderPlan, writer, *,
