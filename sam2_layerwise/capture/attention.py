@@ -31,22 +31,54 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: P
         return transform(probs) if transform is not None else probs
 
 
+# Tiles shared by `attention_rows` and kernels that compute attention explicitly (quantized softmax): both cut
+# [G, h, Nq] the same way and run the same ops on the same tile, so the rows capture records are bit-identical
+# to the rows the kernel multiplied with v. (A single-row matmul differs from a many-row one in the last bits,
+# which is enough to flip a quantization step.)
+TILE_ELEMENTS = 1 << 20
+
+
+def row_tiles(G: int, h: int, nq: int, nk: int, tile_elements: int = TILE_ELEMENTS) -> list[tuple[int, int, int, int]]:
+    """(g0, g1, r0, r1) tiles covering groups x query rows, at most `tile_elements` scores each (or one group
+    row). A function of the shapes only."""
+    per_group = h * nq * nk
+    if per_group <= tile_elements:
+        step = max(1, tile_elements // max(per_group, 1))
+        return [(g0, min(G, g0 + step), 0, nq) for g0 in range(0, G, step)]
+    rows = max(1, tile_elements // (h * nk))
+    return [(g, g + 1, r0, min(nq, r0 + rows)) for g in range(G) for r0 in range(0, nq, rows)]
+
+
+def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple[int, int, int, int]):
+    """Probabilities [g, h, r, Nk] fp32 and out = probs @ v [g, h, r, d_v] fp32 of one tile of `row_tiles`."""
+    g0, g1, r0, r1 = tile
+    probs = attention_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
+    with torch.autocast(q.device.type, enabled=False):
+        out = torch.matmul(probs, _fp32(v[g0:g1]))
+    return probs, out
+
+
 def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]]):
-    """Probabilities and outputs for selected queries.
+    """Probabilities and outputs for selected queries, computed in the tiles of `row_tiles`.
 
     q, k, v: [G, h, N, d]; picks: (group, query index) pairs.
     Returns probs [n, h, Nk] fp32 and out = probs @ v [n, h, d_v] fp32.
     """
+    nk = k.shape[-2]
     if not picks:
-        nk = k.shape[-2]
         return q.new_zeros((0, q.shape[1], nk), dtype=torch.float32), q.new_zeros((0, q.shape[1], v.shape[-1]), dtype=torch.float32)
-    g = torch.tensor([p[0] for p in picks], device=q.device)
-    i = torch.tensor([p[1] for p in picks], device=q.device)
-    q_sel = q[g, :, i].unsqueeze(2)  # [n, h, 1, d]
-    probs = attention_probs(q_sel, k[g], scale, transform)  # [n, h, 1, Nk]
-    with torch.autocast(q.device.type, enabled=False):
-        out = torch.matmul(probs, _fp32(v[g]))  # [n, h, 1, d_v]
-    return probs[:, :, 0], out[:, :, 0]
+    G, h, nq, _ = q.shape
+    tiles = row_tiles(G, h, nq, nk)
+    done: dict[tuple, tuple] = {}
+    probs_rows, out_rows = [], []
+    for g, i in picks:
+        tile = next(t for t in tiles if t[0] <= g < t[1] and t[2] <= i < t[3])
+        if tile not in done:
+            done[tile] = attention_tile(q, k, v, scale, transform, tile)
+        p, o = done[tile]
+        probs_rows.append(p[g - tile[0], :, i - tile[2]])  # [h, Nk]
+        out_rows.append(o[g - tile[0], :, i - tile[2]])  # [h, d_v]
+    return torch.stack(probs_rows), torch.stack(out_rows)
 
 
 def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20):
