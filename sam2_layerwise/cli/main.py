@@ -20,11 +20,14 @@ run 'sam2-layerwise COMMAND --help' for a command's flags."""
 
 def _commands():
     """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
-    from sam2_layerwise.cli import init_checkpoint, render, visualize
+    from sam2_layerwise.cli import init_checkpoint, quantize, render, visualize, visualize_quantized
 
     return {
         "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
         "render": (render, "draw a saved run again without the model: colormap, overlays, more queries, top-k"),
+        "visualize-quantized": (visualize_quantized, "visualize with a required --adaptive-qat-config (the seed's "
+                                                     "visualize_layerwise_quantized.py)"),
+        "quantize": (quantize, "calibrate a quantized checkpoint from a float one on a few images (post-training)"),
         "init-checkpoint": (init_checkpoint, "write a randomly initialised checkpoint in SAM 2's format (tests, benchmarks)"),
     }
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 
 from sam2_layerwise.cli.common import add_model_flags, nonnegative_int, positive_int, setup_logging
+from sam2_layerwise.cli.quantize import add_qat_flag, annotate_capture, build_for_capture, load_qat_flag
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -25,6 +27,7 @@ EXAMPLES = """examples:
 
 def add_arguments(p) -> None:
     add_model_flags(p)
+    add_qat_flag(p)
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     p.add_argument("--points", nargs="+", default=[], metavar="X_Y_LABEL",
                    help="clicks as x y label triples in original-image pixels (label 1 foreground, 0 background)")
@@ -70,6 +73,7 @@ def prepare(args):
     from sam2_layerwise.cli.render import check_render_args
 
     check_render_args(args)
+    args.qat_config = load_qat_flag(args)
     out_dir = check_output_dir(args.output_dir)
     image = load_image(args.image)
     h, w = image.shape[:2]
@@ -84,7 +88,6 @@ def run(args) -> int:
     from sam2_layerwise import layers as layer_sel
     from sam2_layerwise.api import capture_image
     from sam2_layerwise.capture import CaptureOptions
-    from sam2_layerwise.model import build_model
     from sam2_layerwise.store.image_run import OutputOptions, write_image_run
     from sam2_layerwise.store.layout import RunWriter
 
@@ -92,8 +95,7 @@ def run(args) -> int:
     image, prompts, out_dir = prepare(args)
     t0 = time.perf_counter()
     overrides = {"model.image_size": args.image_size} if args.image_size else None
-    loaded = build_model(args.config, args.checkpoint, random_init=args.random_init, device=args.device, seed=args.seed,
-                         overrides=overrides)
+    loaded, quant = build_for_capture(args, args.qat_config, overrides)
     keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
     chosen = layer_sel.select(keys, args.layers)
     from sam2_layerwise.cli.render import render_plan
@@ -108,7 +110,8 @@ def run(args) -> int:
              loaded.config_path.name, "RANDOM WEIGHTS" if loaded.random_init else loaded.checkpoint_path,
              sum(p.numel() for p in loaded.model.parameters()) / 1e6, loaded.device, len(chosen))
 
-    with tqdm(total=len(chosen), desc="capturing", unit="attn", disable=None if not args.quiet else True) as bar:
+    with tqdm(total=len(chosen), desc="capturing", unit="attn", disable=None if not args.quiet else True) as bar, \
+            (quant.monitoring() if quant else contextlib.nullcontext()):
         cap = capture_image(loaded.model, image, prompts, options, multimask=not args.single_mask,
                             precision=args.precision, on_record=lambda r: bar.update(1))
     t_capture = time.perf_counter() - t0
@@ -121,7 +124,8 @@ def run(args) -> int:
             writer, cap, image, model_info=loaded.describe(),
             image_info={"path": str(Path(args.image).resolve()), "width": w, "height": h},
             opts=opts, command=["sam2-layerwise", "visualize", *_argv_tail(args)],
-            extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {})},
+            extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {}),
+                           **annotate_capture(cap, quant)},
             before_summary=lambda w: _timed(timing, "render", lambda: render_capture(w, cap, image, plan)),
         )
     fid = summary["fidelity"]

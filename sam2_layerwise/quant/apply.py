@@ -1,0 +1,401 @@
+"""Apply a quantization config to a built SAM 2, without editing SAM 2's code.
+
+- Layers (`nn.Linear`, `nn.Conv2d`, `nn.ConvTranspose2d`): a forward pre-hook fake-quantizes the input and swaps
+  the weight for its fake-quantized copy for the duration of the call; a forward hook (always called) puts the
+  float weight back. Outside a forward pass `model.state_dict()` is the float model.
+- Attention modules (`MultiScaleAttention`, `Attention`, `RoPEAttention`): their routing state in
+  `capture.dispatch` gets a quantized kernel. It fake-quantizes q/k/v (`[G, heads, N, head_dim]`) and, when the
+  probabilities are quantized, computes probs_transform(softmax(q kᵀ·scale)) @ v itself, tile by tile
+  (`capture.attention.attention_tile`, the same tiles capture recomputes), and reports what it used in its
+  `KernelView`, so a capture records the quantized q/k and probabilities, not a float recomputation.
+
+The hooks are persistent: the real `SAM2ImagePredictor` runs the quantized model until `QuantizedModel.remove()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from sam2_layerwise.capture import dispatch
+from sam2_layerwise.capture.attention import attention_tile, row_tiles
+from sam2_layerwise.errors import ModelError
+from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
+from sam2_layerwise.quant.quantizers import QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats, uniform_codes
+
+# Layer class -> (default weight channel axis, input channel axis).
+LAYER_TYPES = {"Linear": (0, -1), "Conv2d": (0, 1), "ConvTranspose2d": (1, 1)}
+ATTENTION_TYPES = ("MultiScaleAttention", "RoPEAttention", "Attention")
+HEAD_AXIS = 1  # q/k/v are [G, heads, N, head_dim]
+_ATTR = "_layerwise_quantized"  # set on a model while a QuantizedModel is installed on it
+
+
+def installed_on(model: nn.Module):
+    """The QuantizedModel installed on `model`, or None."""
+    return getattr(model, _ATTR, None)
+
+
+def site_id(module: str, role: str) -> str:
+    """`image_encoder.trunk.blocks.0.attn.qkv` + `weight` -> `image_encoder.trunk.blocks.0.attn.qkv:weight`."""
+    return f"{module}:{role}"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One quantizer position: a layer's weight or input, an attention kernel's q, k, v or probs.
+
+    axis: channel axis of the tensor it applies to (None per tensor); channels: how many scales per channel.
+    origin: which part of the config set it last (`defaults.weight`, `rules[3]`).
+    """
+
+    qid: str
+    module: str
+    role: str
+    spec: QuantSpec
+    axis: int | None
+    channels: int | None
+    origin: str
+
+    @property
+    def kind(self):
+        return QUANTIZER_KINDS[self.spec.kind]
+
+    @property
+    def needs_params(self) -> bool:
+        return self.kind.needs_params
+
+    @property
+    def params_from_data(self) -> bool:
+        """Activation scales come from calibration data (or the checkpoint); weight scales from the weights."""
+        return self.needs_params and self.role != "weight"
+
+
+def quantizable_modules(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (class name, roles) of every layer and attention module, in module order."""
+    out = {}
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if cls in LAYER_TYPES and isinstance(getattr(m, "weight", None), torch.Tensor):
+            out[name] = (cls, LAYER_ROLES)
+        elif cls in ATTENTION_TYPES:
+            out[name] = (cls, ATTENTION_ROLES)
+    return out
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def rule_matches(patterns, name: str) -> bool:
+    """A rule reaches a module when a glob matches its name or an ancestor's (`sam_mask_decoder` reaches all
+    of the decoder)."""
+    return any(fnmatch.fnmatchcase(a, p) for a in _ancestors(name) for p in patterns)
+
+
+def plan(model: nn.Module, qcfg: QuantConfig) -> tuple[dict[str, Site], list[str]]:
+    """Resolve defaults and rules to the quantizer of every site: (enabled sites by id, ids left in float)."""
+    modules = dict(model.named_modules())
+    targets = quantizable_modules(model)
+    current: dict[tuple[str, str], tuple[QuantSpec | None, str]] = {}
+    for name, (_, roles) in targets.items():
+        for role in roles:
+            spec = qcfg.defaults.get(role)
+            kind = "attention" if role in ATTENTION_ROLES else ("weight" if role == "weight" else "activation")
+            current[(name, role)] = (spec, f"defaults.{kind}" + (f".{role}" if kind == "attention" else ""))
+    for rule in qcfg.rules:
+        reached = 0
+        for name, (_, roles) in targets.items():
+            if not rule_matches(rule.patterns, name):
+                continue
+            touched = False
+            for role in roles:
+                if rule.to_float:
+                    current[(name, role)] = (None, rule.label)
+                    touched = True
+                if role in rule.roles:
+                    setting = rule.roles[role]
+                    if setting is False:
+                        current[(name, role)] = (None, rule.label)
+                    else:
+                        base = current[(name, role)][0] or qcfg.defaults.get(role) or ROLE_BASE[role]
+                        merged = replace(base, **setting)
+                        check_spec(merged, rule.label, qcfg.source, role)
+                        current[(name, role)] = (merged, rule.label)
+                    touched = True
+            reached += touched
+        if not reached:
+            names = list(targets)
+            close = difflib.get_close_matches(rule.patterns[0], names, n=3, cutoff=0.5)
+            hint = f"; close names: {', '.join(close)}" if close else f"; module names look like {names[1] if len(names) > 1 else names[0]}"
+            what = "module" if not rule.roles or rule.to_float else "module with the quantizers it sets"
+            raise ModelError(f"{rule.label}.match {list(rule.patterns) if len(rule.patterns) > 1 else rule.patterns[0]!r} "
+                             f"matches no {what}{hint}", flag=FLAG, value=qcfg.source)
+
+    sites: dict[str, Site] = {}
+    floats: list[str] = []
+    for (name, role), (spec, origin) in current.items():
+        qid = site_id(name, role)
+        if spec is None or not spec.enabled:
+            floats.append(qid)
+            continue
+        module = modules[name]
+        cls = targets[name][0]
+        axis, channels = None, None
+        if role == "probs":
+            if spec.kind == "uniform":
+                spec = replace(spec, kind="probs_uniform", symmetric=False)
+        elif spec.granularity == "per_channel":
+            if role == "weight":
+                w = module.weight
+                axis = spec.axis if spec.axis is not None else LAYER_TYPES[cls][0]
+                if not -w.dim() <= axis < w.dim():
+                    raise ModelError(f"{origin}: weight axis {axis} is out of range for {name} (weight "
+                                     f"{list(w.shape)})", flag=FLAG, value=qcfg.source)
+                axis = axis % w.dim()
+                channels = w.shape[axis]
+            elif role == "input":
+                axis = LAYER_TYPES[cls][1]
+                channels = module.in_features if cls == "Linear" else module.in_channels
+            else:
+                axis, channels = HEAD_AXIS, int(module.num_heads)
+        sites[qid] = Site(qid=qid, module=name, role=role, spec=spec, axis=axis, channels=channels, origin=origin)
+    return sites, floats
+
+
+class _LayerQuant:
+    """Hooks of one layer: input fake-quantized, weight swapped for its fake-quantized copy during forward."""
+
+    def __init__(self, module: nn.Module, weight_q: FakeQuantizer | None, input_q: FakeQuantizer | None):
+        self.module, self.weight_q, self.input_q = module, weight_q, input_q
+        self.float_weight = module.weight
+        self.q_weight = None
+        self.refresh()
+        self.handles = [module.register_forward_pre_hook(self.pre),
+                        module.register_forward_hook(self.post, always_call=True)]
+
+    def refresh(self) -> None:
+        """Recompute the fake-quantized weight (after the float weight changed or moved)."""
+        if self.weight_q is not None:
+            with torch.no_grad():
+                self.q_weight = nn.Parameter(self.weight_q.quiet(self.float_weight.detach()), requires_grad=False)
+
+    def pre(self, module, args):
+        if self.q_weight is not None:
+            module._parameters["weight"] = self.q_weight
+        if self.input_q is not None and args and isinstance(args[0], torch.Tensor):
+            return (self.input_q(args[0]), *args[1:])
+        return None
+
+    def post(self, module, args, output):
+        if self.q_weight is not None:
+            module._parameters["weight"] = self.float_weight
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.module._parameters["weight"] = self.float_weight
+
+
+class QuantKernel:
+    """The attention kernel of one quantized module (see the module docstring). `tiled` makes it compute the
+    output itself even without quantized probabilities: needed when the output projection's input is
+    quantized, so the capture's recomputed rows are the ones the projection really quantized."""
+
+    def __init__(self, q: FakeQuantizer | None, k: FakeQuantizer | None, v: FakeQuantizer | None,
+                 probs: FakeQuantizer | None, tiled: bool):
+        self.q, self.k, self.v, self.probs = q, k, v, probs
+        self.tiled = tiled or probs is not None
+
+    def __call__(self, q, k, v, scale):
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        q = self.q(q) if self.q is not None else q  # [G, h, Nq, d]
+        k = self.k(k) if self.k is not None else k  # [G, h, Nk, d]
+        v = self.v(v) if self.v is not None else v  # [G, h, Nk, d_v]
+        if not self.tiled:
+            return dispatch.ORIGINAL_SDPA(q, k, v, scale=scale), dispatch.KernelView(q, k, v, s)
+        G, h, nq, _ = q.shape
+        out = q.new_empty((G, h, nq, v.shape[-1]))  # [G, h, Nq, d_v]
+        for tile in row_tiles(G, h, nq, k.shape[-2]):
+            g0, g1, r0, r1 = tile
+            _, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
+            out[g0:g1, :, r0:r1] = o.to(out.dtype)
+        return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None)
+
+
+def _output_projection(module: nn.Module) -> str:
+    return "proj" if type(module).__name__ == "MultiScaleAttention" else "out_proj"
+
+
+class QuantizedModel:
+    """A SAM 2 model with fake quantizers installed. `quantizers` maps site ids to `FakeQuantizer`s.
+
+    Build it with `quantize_model` (from parameters) or `calibrate.calibrate_model`; `remove()` gives the float
+    model back. `params()` is what a checkpoint stores; `report()` what the run summary shows.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, sites: dict[str, Site], floats: list[str],
+                 quantizers: dict[str, FakeQuantizer]):
+        self.model, self.config, self.sites, self.floats, self.quantizers = model, config, sites, floats, quantizers
+        self._modules = dict(model.named_modules())
+        self._layers: dict[str, _LayerQuant] = {}
+        self._kernels: dict[str, nn.Module] = {}
+        self.installed = False
+
+    def install(self) -> "QuantizedModel":
+        if getattr(self.model, _ATTR, None) is not None:
+            raise ModelError("this model already has quantizers installed; call remove() on them first")
+        setattr(self.model, _ATTR, self)
+        modules = dict(self.model.named_modules())
+        targets = quantizable_modules(self.model)
+        for name, (cls, roles) in targets.items():
+            qs = {r: self.quantizers.get(site_id(name, r)) for r in roles}
+            if not any(qs.values()):
+                continue
+            module = modules[name]
+            if cls in LAYER_TYPES:
+                self._layers[name] = _LayerQuant(module, qs["weight"], qs["input"])
+            else:
+                proj = f"{name}.{_output_projection(module)}"
+                tiled = site_id(proj, "input") in self.quantizers
+                dispatch.routing(module, name).kernel = QuantKernel(qs["q"], qs["k"], qs["v"], qs["probs"], tiled)
+                self._kernels[name] = module
+        # An output projection with a quantized input needs its attention module's kernel to be tiled too.
+        for name, (cls, _) in targets.items():
+            if cls in ATTENTION_TYPES and name not in self._kernels:
+                proj = f"{name}.{_output_projection(modules[name])}"
+                if site_id(proj, "input") in self.quantizers:
+                    dispatch.routing(modules[name], name).kernel = QuantKernel(None, None, None, None, tiled=True)
+                    self._kernels[name] = modules[name]
+        self.installed = True
+        return self
+
+    def remove(self) -> None:
+        """Take every hook and kernel out: the model is the float model again."""
+        for lq in self._layers.values():
+            lq.remove()
+        for name, module in self._kernels.items():
+            state = dispatch.routing(module, name)
+            state.kernel = None
+            dispatch.release(module)
+        self._layers.clear()
+        self._kernels.clear()
+        if getattr(self.model, _ATTR, None) is self:
+            delattr(self.model, _ATTR)
+        self.installed = False
+
+    def refresh_weights(self) -> None:
+        for lq in self._layers.values():
+            lq.refresh()
+
+    def params(self) -> dict:
+        """site id -> checkpoint entry (module, role, kind, bits, scale, zero point, ...)."""
+        return {qid: {"module": s.module, "role": s.role, **self.quantizers[qid].params()} for qid, s in self.sites.items()}
+
+    @contextlib.contextmanager
+    def monitoring(self):
+        """Accumulate per-quantizer statistics (clip rate, error) over what runs inside the block."""
+        for fq in self.quantizers.values():
+            fq.stats = QuantStats()
+            fq.monitor = True
+        try:
+            yield self
+        finally:
+            for fq in self.quantizers.values():
+                fq.monitor = False
+
+    def site_report(self, qid: str) -> dict:
+        site, fq = self.sites[qid], self.quantizers[qid]
+        entry = {"id": qid, "module": site.module, "role": site.role, "origin": site.origin, **fq.describe()}
+        if site.role == "weight":
+            stats = QuantStats()
+            w = self._modules[site.module].weight.detach()  # float outside forward, installed or not
+            qmin, qmax = fq.qrange
+            raw, _ = uniform_codes(w, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
+            stats.add(w, fq.quiet(w), (raw < qmin) | (raw > qmax))
+            entry["error"] = {**stats.to_dict(), "on": "the weights"}
+        else:
+            entry["error"] = {**fq.stats.to_dict(), "on": "this input" if fq.stats.calls else "nothing (did not run)"}
+        return entry
+
+    def bits_histogram(self) -> dict[str, int]:
+        bits: dict[str, int] = {}
+        for qid in self.sites:
+            b = str(self.quantizers[qid].bits)
+            bits[b] = bits.get(b, 0) + 1
+        return bits
+
+    def report(self) -> dict:
+        """The run summary's `quantization` section: every quantizer, and which sites stayed float."""
+        bits = self.bits_histogram()
+        return {
+            "config": self.config.source,
+            "base_config": self.config.base_config,
+            "quantizers": [self.site_report(qid) for qid in self.sites],
+            "float_sites": len(self.floats),
+            "quantized_sites": len(self.sites),
+            "bits_histogram": bits,
+            "conventions": "round half to even of x / scale; codes clamped to [qmin, qmax]; symmetric narrow range; "
+                           "log2: code 2^b - 1 is zero (docs/quantization.md)",
+        }
+
+    def module_report(self, module: str) -> dict | None:
+        """Quantizers of one module and of the layers inside it, by role: what an `AttentionRecord.quant` holds."""
+        prefix = module + "."
+        kernel = {s.role: self.site_report(q) for q, s in self.sites.items() if s.module == module}
+        layers: dict[str, dict] = {}
+        for q, s in self.sites.items():
+            if s.module.startswith(prefix):
+                layers.setdefault(s.module[len(prefix):], {})[s.role] = self.site_report(q)
+        floats = [f for f in self.floats if f.startswith(prefix) or f.rsplit(":", 1)[0] == module]
+        if not kernel and not layers:
+            return {"float": True, "float_sites": floats}
+        return {"float": False, "kernel": kernel, "layers": layers, "float_sites": floats}
+
+
+def build_quantizers(model: nn.Module, sites: dict[str, Site], params: dict[str, dict]) -> dict[str, FakeQuantizer]:
+    """Make the quantizer of every site from its parameters (scale, zero point, bits); weight scales not in
+    `params` are calibrated from the weights."""
+    from sam2_layerwise.quant.calibrate import calibrate_weight
+
+    device = next(model.parameters()).device
+    modules = dict(model.named_modules())
+    out = {}
+    for qid, site in sites.items():
+        p = params.get(qid, {})
+        spec = site.spec
+        if spec.bits == "checkpoint":
+            spec = spec.with_bits(int(p["bits"]))
+        fq = FakeQuantizer(qid=qid, spec=spec, axis=site.axis)
+        if site.needs_params:
+            if "scale" in p:
+                fq.scale = torch.as_tensor(p["scale"], dtype=torch.float32).reshape(-1 if site.axis is not None else ())
+                zp = p.get("zero_point")
+                fq.zero_point = (torch.as_tensor(zp, dtype=torch.float32).reshape(fq.scale.shape) if zp is not None
+                                 else torch.zeros_like(fq.scale))
+            elif site.role == "weight":
+                fq.scale, fq.zero_point = calibrate_weight(modules[site.module].weight, spec, fq.bits, site.axis)
+            else:
+                raise KeyError(qid)
+        out[qid] = fq.to(device)
+    return out
+
+
+def quantize_model(model: nn.Module, qcfg: QuantConfig, params: dict[str, dict] | None = None) -> QuantizedModel:
+    """Install the config's quantizers on `model` (already on its device) with the given parameters.
+
+    `params`: site id -> {scale, zero_point, bits}, e.g. from a checkpoint (see quant.checkpoint). Every
+    activation quantizer and every LSQ quantizer needs its parameters; missing ones raise naming them.
+    """
+    from sam2_layerwise.quant.checkpoint import check_params
+
+    sites, floats = plan(model, qcfg)
+    params = params or {}
+    check_params(sites, params, qcfg, source="parameters", flag=FLAG)
+    qm = QuantizedModel(model, qcfg, sites, floats, build_quantizers(model, sites, params))
+    return qm.install()
