@@ -24,10 +24,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 
 # -- shared with visualize ------------------------------------------------------------------------------------
-def add_qat_flag(p, required: bool = False) -> None:
-    p.add_argument("--adaptive-qat-config", metavar="YAML", required=required, default=None,
-                   help="run the fake-quantized model this quantization config describes (docs/quantization.md); "
-                        "--checkpoint then holds its learned scales (from QAT or 'sam2-layerwise quantize')")
+QAT_HELP = ("run the fake-quantized model this quantization config describes (docs/quantization.md); "
+            "--checkpoint then holds its learned scales (from QAT or 'sam2-layerwise quantize')")
+
+
+def add_qat_flag(p, required: bool = False, help: str = QAT_HELP) -> None:
+    p.add_argument("--adaptive-qat-config", metavar="YAML", required=required, default=None, help=help)
 
 
 def load_qat_flag(args):
@@ -70,7 +72,8 @@ def add_arguments(p) -> None:
                    help="SAM 2 config (default: the quantization config's base_config, or the official id's)")
     p.add_argument("--checkpoint", required=True, metavar="PT_OR_MODEL_ID",
                    help="the FLOAT SAM 2 checkpoint to quantize (.pt or official model id)")
-    add_qat_flag(p, required=True)
+    add_qat_flag(p, required=True, help="the quantization config to calibrate (docs/quantization.md); its "
+                                        "base_config is used when --config is omitted")
     p.add_argument("--calib-images", nargs="+", required=True, metavar="PATH",
                    help="calibration images: files and/or directories (their images, sorted by name)")
     p.add_argument("--output", required=True, help="where to write the quantized checkpoint (.pt)")
