@@ -58,15 +58,23 @@ def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple
     return probs, out
 
 
-def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]]):
-    """Probabilities and outputs for selected queries, computed in the tiles of `row_tiles`.
+def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False):
+    """Probabilities and outputs for selected queries.
 
-    q, k, v: [G, h, N, d]; picks: (group, query index) pairs.
+    q, k, v: [G, h, N, d]; picks: (group, query index) pairs. With `tiled` the rows are computed in the
+    tiles of `row_tiles`, as an explicitly tiled kernel computed them; otherwise row by row (cheaper).
     Returns probs [n, h, Nk] fp32 and out = probs @ v [n, h, d_v] fp32.
     """
     nk = k.shape[-2]
     if not picks:
         return q.new_zeros((0, q.shape[1], nk), dtype=torch.float32), q.new_zeros((0, q.shape[1], v.shape[-1]), dtype=torch.float32)
+    if not tiled:
+        g = torch.tensor([p[0] for p in picks], device=q.device)
+        i = torch.tensor([p[1] for p in picks], device=q.device)
+        probs = attention_probs(q[g, :, i].unsqueeze(2), k[g], scale, transform)  # [n, h, 1, Nk]
+        with torch.autocast(q.device.type, enabled=False):
+            out = torch.matmul(probs, _fp32(v[g]))  # [n, h, 1, d_v]
+        return probs[:, :, 0], out[:, :, 0]
     G, h, nq, _ = q.shape
     tiles = row_tiles(G, h, nq, nk)
     done: dict[tuple, tuple] = {}
@@ -92,23 +100,19 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     nk = k.shape[-2]
     kk = min(topk, nk)
     out = {name: torch.empty((G, h, nq), dtype=torch.float32, device=q.device) for name in STAT_NAMES}
-    per_group = h * nq * nk
-    if per_group <= chunk_elements:
-        tiles = [(g0, min(G, g0 + max(1, chunk_elements // per_group)), 0, nq) for g0 in range(0, G, max(1, chunk_elements // per_group))]
-    else:
-        rows = max(1, chunk_elements // (h * nk))
-        tiles = [(g0, g0 + 1, r0, min(nq, r0 + rows)) for g0 in range(G) for r0 in range(0, nq, rows)]
+    tiles = row_tiles(G, h, nq, nk, chunk_elements)
     log_nk = math.log(nk) if nk > 1 else 1.0
     with torch.autocast(q.device.type, enabled=False):
         kt = _fp32(k).transpose(-1, -2)  # [G, h, d, Nk]
         for g0, g1, r0, r1 in tiles:
             scores = torch.matmul(_fp32(q[g0:g1, :, r0:r1]) * scale, kt[g0:g1])  # [g, h, r, Nk]
             if transform is None:
-                # One exp per score: e = exp(s - m), z = sum e, p = e / z, H = m + log z - sum(e * s) / z.
-                m = scores.amax(-1, keepdim=True)
-                e = torch.exp(scores - m)
+                # One exp per score: e = exp(s - m), z = sum e, p = e / z, H = -sum p log p.
+                # t = s - m in place: H = log z - sum(e * t) / z.
+                t = scores.sub_(scores.amax(-1, keepdim=True))
+                e = torch.exp(t)
                 z = e.sum(-1)
-                ent = m[..., 0] + torch.log(z) - torch.einsum("...j,...j->...", e, scores) / z
+                ent = torch.log(z) - torch.einsum("...j,...j->...", e, t) / z
                 mx = 1.0 / z
                 top = torch.topk(e, kk, dim=-1).values.sum(-1) / z if kk else torch.zeros_like(z)
             else:

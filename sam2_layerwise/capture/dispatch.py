@@ -25,7 +25,9 @@ class KernelView:
     """What an attention kernel computed with. Shapes `[G, heads, N, head_dim]` (G = batch x windows).
 
     `probs_transform` maps fp32 softmax probabilities `[..., Nq, Nk]` to those the kernel multiplied with v
-    (identity for float attention; a fake quantizer for quantized softmax).
+    (identity for float attention; a fake quantizer for quantized softmax). `tiled` says the kernel computed
+    its output itself in `capture.attention.row_tiles` tiles, so recomputed rows must use the same tiles to
+    match it bit for bit.
     """
 
     q: torch.Tensor
@@ -33,6 +35,7 @@ class KernelView:
     v: torch.Tensor
     scale: float
     probs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    tiled: bool = False
 
 
 class AttentionKernel(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -12,18 +13,37 @@ def layer_key(module_name: str) -> str:
     return module_name.replace(".", "_")
 
 
-def tensor_stats(t: torch.Tensor) -> dict:
-    """Shape, dtype and simple statistics of a tensor (computed in fp32)."""
-    f = t.detach().float()
-    return {
-        "shape": list(t.shape),
-        "dtype": str(t.dtype).replace("torch.", ""),
-        "mean": f.mean().item() if f.numel() else 0.0,
-        "std": f.std().item() if f.numel() > 1 else 0.0,
-        "min": f.min().item() if f.numel() else 0.0,
-        "max": f.max().item() if f.numel() else 0.0,
-        "abs_mean": f.abs().mean().item() if f.numel() else 0.0,
-    }
+def tensor_stats(t: torch.Tensor, cache: dict | None = None) -> dict:
+    """Shape, dtype, mean, std, min and max of a tensor (computed in fp32, one sync).
+
+    With `cache`, a tensor already summarised (same storage, shape and version) is not read again: the
+    image encoder hands the same feature maps to the neck, the encoder output and the predictor.
+    """
+    key = (id(t), tuple(t.shape), t.dtype)
+    if cache is not None and key in cache:
+        ref, version, stats = cache[key]
+        if ref() is t and version == _version(t):  # the very same, unmodified tensor
+            return stats
+    f = t.detach()
+    f = f if f.dtype == torch.float32 else f.float()
+    n = f.numel()
+    out = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    if n:
+        lo, hi = torch.aminmax(f)
+        std = f.std() if n > 1 else f.new_zeros(())
+        out.update(zip(("mean", "std", "min", "max"), torch.stack([f.mean(), std, lo, hi]).tolist()))
+    else:
+        out.update(mean=0.0, std=0.0, min=0.0, max=0.0)
+    if cache is not None:
+        cache[key] = (weakref.ref(t), _version(t), out)
+    return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change outside inference mode)
+        return None
 
 
 @dataclass

@@ -122,6 +122,7 @@ class CaptureSession:
         self._block_in: dict[str, tuple] = {}
         self._pending: dict[str, _Pending] = {}
         self._decoder_grid: tuple[int, int] | None = None
+        self._stats_cache: dict = {}
         self.selected_modules: list[str] = []
 
     # -- install / remove -------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class CaptureSession:
             self.blocks.append(BlockRecord(
                 name=name, layer_key=layer_key(name), module_type=type(mod).__name__, call_index=idx,
                 inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _flat_tensors(args)],
-                outputs=[tensor_stats(t) for t in _flat_tensors(output)],
+                outputs=[tensor_stats(t, self._stats_cache) for t in _flat_tensors(output)],
             ))
         return post
 
@@ -192,7 +193,7 @@ class CaptureSession:
             if pending is None or not isinstance(output, torch.Tensor):
                 return
             rec = pending.record
-            rec.module_output = tensor_stats(output)
+            rec.module_output = tensor_stats(output, self._stats_cache)
             if not pending.picks:
                 rec.module_max_abs_err = 0.0
                 return
@@ -223,7 +224,7 @@ class CaptureSession:
         nk = k.shape[-2]
         geometry, queries, valid = self._geometry_and_queries(name, kind, q.shape, k.shape)
         picks = [(s.group, s.index) for s in queries]
-        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks)
+        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled)
         kernel_err = 0.0
         if picks:
             g = torch.tensor([p[0] for p in picks], device=q.device)

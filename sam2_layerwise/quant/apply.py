@@ -225,7 +225,7 @@ class QuantKernel:
             g0, g1, r0, r1 = tile
             _, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
             out[g0:g1, :, r0:r1] = o.to(out.dtype)
-        return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None)
+        return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None, tiled=True)
 
 
 def _output_projection(module: nn.Module) -> str:
