@@ -35,3 +35,8 @@ class ModelError(LayerwiseError):
 
 class CaptureError(LayerwiseError):
     """Capture could not run as asked (e.g. a compiled model whose hooks do not fire)."""
+
+
+def few(items: list[str], n: int = 3) -> str:
+    """The first `n` items of a list for a one-line message, and how many more there are."""
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

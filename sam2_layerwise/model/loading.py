@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sam2_layerwise.errors import ModelError
+from sam2_layerwise.errors import ModelError, few
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,27 @@ def official_id(name: str) -> str | None:
     return norm if norm in OFFICIAL else None
 
 
-def read_state_dict(path: Path, flag: str = "--checkpoint") -> dict:
-    """`torch.load(weights_only=True)` of a SAM 2 checkpoint -> its `model` state dict."""
+def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
+    """The whole SAM 2 checkpoint dict, `torch.load(weights_only=True)`; it must hold a `model` state dict.
+    Zip-format files are memory-mapped, so a quantized checkpoint's extra entries cost no copy."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot be loaded with torch.load(weights_only=True): {first[:200]}", flag=flag, value=str(path)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ModelError("not a SAM 2 checkpoint: expected a dict with a 'model' state dict", flag=flag, value=str(path))
-    return ckpt["model"]
+    return ckpt
+
+
+def read_state_dict(path: Path, flag: str = "--checkpoint") -> dict:
+    """`torch.load(weights_only=True)` of a SAM 2 checkpoint -> its `model` state dict."""
+    return read_checkpoint(path, flag)["model"]
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, flag: str, value: str) -> None:
@@ -153,9 +164,6 @@ def check_state_dict(model: torch.nn.Module, state: dict, flag: str, value: str)
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
-
-    def few(keys):
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
     problems = []
     if missing:

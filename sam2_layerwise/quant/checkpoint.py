@@ -31,17 +31,14 @@ from pathlib import Path
 
 import torch
 
-from sam2_layerwise.errors import ModelError
+from sam2_layerwise.errors import ModelError, few
+from sam2_layerwise.model.loading import read_checkpoint
 from sam2_layerwise.quant.config import FLAG, QuantConfig
 
 FORMAT = "sam2-layerwise/quant-checkpoint"
 VERSION = 1
 ENTRY = "quantization"
 log = logging.getLogger(__name__)
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def check_params(sites: dict, params: dict[str, dict], qcfg: QuantConfig, *, source: str, flag: str = "--checkpoint") -> None:
@@ -76,26 +73,14 @@ def check_params(sites: dict, params: dict[str, dict], qcfg: QuantConfig, *, sou
     leftover = [qid for qid in params if qid not in sites]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} learned parameters missing: {_few(missing)}")
+        problems.append(f"{len(missing)} learned parameters missing: {few(missing)}")
     if leftover:
-        problems.append(f"{len(leftover)} quantizers left over (not quantized by the config): {_few(leftover)}")
+        problems.append(f"{len(leftover)} quantizers left over (not quantized by the config): {few(leftover)}")
     if wrong:
-        problems.append(f"{len(wrong)} inconsistent: {_few(wrong, 2)}")
+        problems.append(f"{len(wrong)} inconsistent: {few(wrong, 2)}")
     if problems:
         hint = ("; make one with `sam2-layerwise quantize` (post-training calibration)" if missing and not wrong else "")
         raise ModelError(f"does not fit {FLAG} {qcfg.source}: " + "; ".join(problems) + hint, flag=flag, value=source)
-
-
-def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
-    """The whole checkpoint dict, `torch.load(weights_only=True)` (memory-mapped)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot be loaded with torch.load(weights_only=True): {first[:200]}", flag=flag, value=str(path)) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ModelError("not a SAM 2 checkpoint: expected a dict with a 'model' state dict", flag=flag, value=str(path))
-    return ckpt
 
 
 def native_params(ckpt: dict, path: str, flag: str = "--checkpoint") -> dict[str, dict] | None:
