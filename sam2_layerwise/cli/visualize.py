@@ -67,10 +67,9 @@ def add_render_arguments(p) -> None:
 
 def prepare(args):
     """Validate every input before anything is loaded or written. Returns (image, prompts, out_dir)."""
+    from sam2_layerwise.cli.render import check_render_args
     from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.store.layout import check_output_dir
-
-    from sam2_layerwise.cli.render import check_render_args
 
     check_render_args(args)
     args.qat_config = load_qat_flag(args)
@@ -82,12 +81,13 @@ def prepare(args):
 
 
 def run(args) -> int:
-    import torch
     from tqdm import tqdm
 
     from sam2_layerwise import layers as layer_sel
     from sam2_layerwise.api import capture_image
     from sam2_layerwise.capture import CaptureOptions
+    from sam2_layerwise.cli.render import render_plan
+    from sam2_layerwise.render.run import render_capture
     from sam2_layerwise.store.image_run import OutputOptions, write_image_run
     from sam2_layerwise.store.layout import RunWriter
 
@@ -98,9 +98,6 @@ def run(args) -> int:
     loaded, quant = build_for_capture(args, args.qat_config, overrides)
     keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
     chosen = layer_sel.select(keys, args.layers)
-    from sam2_layerwise.cli.render import render_plan
-    from sam2_layerwise.render.run import render_capture
-
     plan = render_plan(args)
     # q/k are kept in memory when drawing: decoder image->token maps need every image query's attention
     options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
@@ -123,7 +120,7 @@ def run(args) -> int:
         summary = write_image_run(
             writer, cap, image, model_info=loaded.describe(),
             image_info={"path": str(Path(args.image).resolve()), "width": w, "height": h},
-            opts=opts, command=["sam2-layerwise", "visualize", *_argv_tail(args)],
+            opts=opts, command=["sam2-layerwise", *getattr(args, "argv", [])],
             extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {}),
                            **annotate_capture(cap, quant)},
             before_summary=lambda w: _timed(timing, "render", lambda: render_capture(w, cap, image, plan)),
@@ -144,8 +141,3 @@ def _timed(timing: dict, key: str, fn):
     timing[key] = round(time.perf_counter() - t0, 3)
     return out
 
-
-def _argv_tail(args) -> list[str]:
-    import sys
-
-    return sys.argv[2:] if len(sys.argv) > 2 else []
