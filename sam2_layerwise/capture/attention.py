@@ -89,6 +89,23 @@ def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[
     return torch.stack(probs_rows), torch.stack(out_rows)
 
 
+def topk_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the k largest values along the last axis; exact, and faster than a plain top-k on long rows.
+
+    With the row cut into B blocks of B, the k largest values lie in the k blocks with the largest maxima
+    (a block holding one of them has a maximum at least that large, and at most k-1 larger values exist), so
+    the top-k runs over B maxima and then k*B candidates instead of B*B values. Sorted values, same sum.
+    """
+    n = x.shape[-1]
+    block = math.isqrt(n)
+    if n < 1024 or block * block != n or block <= k:
+        return torch.topk(x, k, dim=-1).values.sum(-1)
+    blocks = x.view(*x.shape[:-1], block, block)  # [..., blocks, block]
+    idx = torch.topk(blocks.amax(-1), k, dim=-1).indices  # [..., k]
+    cand = torch.gather(blocks, -2, idx.unsqueeze(-1).expand(*idx.shape, block))  # [..., k, block]
+    return torch.topk(cand.flatten(-2), k, dim=-1).values.sum(-1)
+
+
 def _stat_tiles(batch: int, nq: int, nk: int, tile_elements: int) -> list[tuple[int, int, int, int]]:
     """(b0, b1, r0, r1) tiles over [batch = groups x heads, Nq] with at most `tile_elements` scores each.
     One head per tile for long rows: a [rows, d] x [d, Nk] product per head runs ~2x faster on CPU than
@@ -134,12 +151,12 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
                 z = e.sum(-1)
                 ent = torch.log(z) - torch.einsum("...j,...j->...", e, t) / z
                 mx = 1.0 / z
-                top = torch.topk(e, kk, dim=-1).values.sum(-1) / z if kk else torch.zeros_like(z)
+                top = topk_sum(e, kk) / z if kk else torch.zeros_like(z)
             else:
                 p = transform(torch.softmax(scores, -1))
                 ent = -torch.special.xlogy(p, p).sum(-1)
                 mx = p.amax(-1)
-                top = torch.topk(p, kk, dim=-1).values.sum(-1) if kk else torch.zeros_like(mx)
+                top = topk_sum(p, kk) if kk else torch.zeros_like(mx)
             stats["entropy"][b0:b1, r0:r1] = ent
             stats["entropy_norm"][b0:b1, r0:r1] = ent / log_nk
             stats["max_prob"][b0:b1, r0:r1] = mx
