@@ -137,7 +137,7 @@ class CaptureSession:
         if getattr(self.model, "compile_image_encoder", False) or hasattr(self.model, "_orig_mod"):
             raise CaptureError("torch.compile'd models run hooks unreliably; build the model with "
                                "compile_image_encoder=False to capture it", flag="--config")
-        modules = dict(self.model.named_modules())
+        modules = self._modules = dict(self.model.named_modules())
         for name, module in modules.items():
             cls = type(module).__name__
             if cls in ATTENTION_TYPES and self._wanted(name, module):
@@ -279,7 +279,7 @@ class CaptureSession:
         frame = self.frame
         if kind == "hiera":
             B, H, W, _ = self._block_in[name]
-            block = dict(self.model.named_modules())[_parent(name)]
+            block = self._modules[_parent(name)]
             geo = HieraLayerGeometry(batch=B, in_h=H, in_w=W, window=block.window_size,
                                      q_stride=block.q_stride[0] if block.q_stride else 1)
             assert geo.groups == G and geo.queries_per_group == nq and geo.keys_per_group == nk, (name, geo, q_shape, k_shape)
