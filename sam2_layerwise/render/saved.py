@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,29 +121,11 @@ def saved_views(run: SavedRun) -> list[RecordView]:
     return views
 
 
-class RerenderWriter(RunWriter):
-    """Stages like RunWriter; on success replaces only the pictures (`attn_images/`, `attn_overlays/`,
-    `attn_topk/`) and the summary, and keeps the run's tensors and predictions. Render folders this pass did
-    not draw are removed with the old summary, so no top-k link points at an old picture."""
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            return super().__exit__(exc_type, exc, tb)
-        staged = sorted(self.staging.iterdir(), key=lambda e: e.name == layout.SUMMARY)  # summary last
-        unexpected = [e.name for e in staged if e.name not in (layout.SUMMARY, *RENDER_DIRS)]
-        if unexpected:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            raise ValueError(f"re-rendering may only write pictures and the summary, not {unexpected}")
-        for name in (layout.SUMMARY, *RENDER_DIRS):
-            target = self.output_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        for entry in staged:
-            os.replace(entry, self.output_dir / entry.name)
-        self.staging.rmdir()
-        return False
+def rerender_writer(run_dir: Path) -> RunWriter:
+    """A RunWriter that owns only the pictures (`attn_images/`, `attn_overlays/`, `attn_topk/`) and the summary:
+    the run's tensors and predictions stay; picture folders this pass did not draw are removed with the old
+    summary, so no top-k link points at an old picture."""
+    return RunWriter(run_dir, owned=(layout.SUMMARY, *RENDER_DIRS))
 
 
 def rerender(run: SavedRun, photo: np.ndarray, plan: RenderPlan, *, extra_points=()) -> dict:
@@ -156,7 +136,7 @@ def rerender(run: SavedRun, photo: np.ndarray, plan: RenderPlan, *, extra_points
                          flag="--run-dir", value=str(run.run_dir))
     locations = run.locations + [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
     summary = run.summary
-    with RerenderWriter(run.run_dir) as writer:
+    with rerender_writer(run.run_dir) as writer:
         result, files = render_views(views, photo, run.frame, plan, writer, prompts=run.prompts,
                                      extra_locations=locations)
         for key in (*RENDER_DIRS, "attn_topk_links"):

@@ -48,20 +48,25 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> Path:
 class RunWriter:
     """Stage a run directory, then move it into place. Use as a context manager.
 
-    `path(rel)` gives a path inside the staging folder (creating parents); `rel(path)` the run-relative
-    name recorded in the summary. On success every top-level entry replaces the one of the same name in
-    the output directory (the summary last); on an exception the staging folder is removed.
+    `path(rel)` gives a path inside the staging folder (creating parents) and records `rel` in `written`.
+    `owned` names the top-level entries this writer replaces (default: everything a run writes); it may only
+    stage those. On success the old owned entries are moved aside, the staged ones moved in (the summary
+    last) and only then is the old set deleted, so a crash never leaves a run without a summary. On an
+    exception the staging folder is removed and the output directory is as it was.
     """
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, owned: tuple[str, ...] = MANAGED):
         self.output_dir = check_output_dir(output_dir)
+        self.owned = owned
         parent = self.output_dir.absolute().parent
         self.staging = parent / f".{self.output_dir.name}.partial-{os.getpid()}"
+        self.aside = parent / f".{self.output_dir.name}.old-{os.getpid()}"
         self.written: list[str] = []
 
     def __enter__(self):
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
+        for d in (self.staging, self.aside):
+            if d.exists():
+                shutil.rmtree(d)
         self.staging.mkdir(parents=True)
         return self
 
@@ -69,6 +74,8 @@ class RunWriter:
         p = (self.staging / rel).resolve()
         if not p.is_relative_to(self.staging.resolve()):
             raise ValueError(f"refusing to write outside the run directory: {rel}")
+        if p.relative_to(self.staging.resolve()).parts[0] not in self.owned:
+            raise ValueError(f"this writer does not own {rel} (owns {', '.join(self.owned)})")
         p.parent.mkdir(parents=True, exist_ok=True)
         self.written.append(rel)
         return p
@@ -78,18 +85,14 @@ class RunWriter:
             shutil.rmtree(self.staging, ignore_errors=True)
             return False
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # The old summary goes first and the new one comes last, so a summary always describes what is there.
-        staged = {e.name for e in self.staging.iterdir()}
-        for name in (SUMMARY, *MANAGED, *staged):
-            _remove(self.output_dir / name)
+        self.aside.mkdir()
+        # The old summary leaves first and the new one arrives last: a summary always describes what is there.
+        for name in (SUMMARY, *self.owned):
+            target = self.output_dir / name
+            if target.exists() or target.is_symlink():
+                os.replace(target, self.aside / name)
         for entry in sorted(self.staging.iterdir(), key=lambda e: e.name == SUMMARY):
             os.replace(entry, self.output_dir / entry.name)
         self.staging.rmdir()
+        shutil.rmtree(self.aside, ignore_errors=True)
         return False
-
-
-def _remove(target: Path) -> None:
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    elif target.exists() or target.is_symlink():
-        target.unlink()

@@ -104,3 +104,26 @@ def test_rerun_replaces_previous_outputs(tmp_path, tiny_checkpoint):
     assert main(base) == 0
     assert not (out / "attn_tensors").exists()  # stale tensors of the first run are gone
     assert (out / "my_notes.txt").read_text() == "mine"  # files the tool does not own are left alone
+
+
+def test_a_failed_move_leaves_the_previous_run_whole(tmp_path, monkeypatch):
+    """If writing fails after staging, the old run (summary included) is still there, and no staging is left."""
+    from sam2_layerwise.store import layout
+
+    out = tmp_path / "run"
+    with layout.RunWriter(out) as w:
+        w.path(layout.SUMMARY).write_text('{"old": true}')
+        w.path(f"{layout.PREDICTION_IMAGES}/a.png").write_bytes(b"x")
+    try:
+        with layout.RunWriter(out) as w:
+            w.path(layout.SUMMARY).write_text('{"new": true}')
+            raise RuntimeError("render failed")
+    except RuntimeError:
+        pass
+    assert (out / layout.SUMMARY).read_text() == '{"old": true}'
+    assert (out / layout.PREDICTION_IMAGES / "a.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with pytest.raises(ValueError, match="does not own"):
+        with layout.RunWriter(out, owned=(layout.SUMMARY,)) as w:
+            w.path(f"{layout.ATTN_TENSORS}/x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
