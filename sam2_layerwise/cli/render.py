@@ -53,9 +53,8 @@ def render_plan(args, *, default_images: bool = False):
     overlays = bool(args.render_attn_overlay or args.attn_overlay_only)
     images = not args.attn_overlay_only and bool(
         args.render_attn or args.render_attn_overlay or args.topk_attn or args.render_attn_heads or default_images)
-    max_queries = args.max_attn_queries
     return RenderPlan(draw=RenderOptions(images=images, overlays=overlays, cmap=args.cmap),
-                      maps=MapOptions(max_queries=max_queries or 1 << 30, per_head=args.render_attn_heads,
+                      maps=MapOptions(max_queries=args.max_attn_queries, per_head=args.render_attn_heads,
                                       max_tokens=args.max_tokens),
                       topk=args.topk_attn, topk_symlink=args.topk_symlink)
 
@@ -83,8 +82,8 @@ def run(args) -> int:
     check_render_args(args)
     saved = open_run(args.run_dir)
     extra = query_points(args.query_points, saved.frame.orig_w, saved.frame.orig_h)
-    photo = load_photo(saved, args.image)
     plan = render_plan(args, default_images=True)
+    photo = load_photo(saved, args.image) if plan.draw.overlays or args.image else None  # only overlays need the photograph
     summary = rerender(saved, photo, plan, extra_points=extra)
     files = summary.get("files", {})
     log.info("drew %s in %s%s", ", ".join(k for k in ("attn_images", "attn_overlays", "attn_topk") if k in files)

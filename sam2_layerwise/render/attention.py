@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sam2_layerwise.render import colors
-from sam2_layerwise.render.maps import AttentionMap
+from sam2_layerwise.render.maps import AttentionMap, real_max
 from sam2_layerwise.store import layout
 from sam2_layerwise.store.atomic import atomic_write_bytes
 
@@ -102,12 +102,18 @@ def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int) -> None:
     draw.ellipse([x - r, y - r, x + r, y + r], outline=MARK_RGB, width=2)
 
 
+def _vmax(m: AttentionMap) -> float:
+    """The top of the colour scale: the map's maximum over its real (non-padding) cells, 0 when there is none."""
+    v = real_max(m.grid, m.real_hw)
+    return v if np.isfinite(v) else 0.0
+
+
 def attention_image(m: AttentionMap, opts: RenderOptions) -> Image.Image:
     """The map on its key grid (display "grid") or as a row of token cells (display "tokens")."""
     if m.display == "tokens":
         return _token_image(m, opts)
     gh, gw = m.grid.shape
-    vmax = float(np.nanmax(m.grid))
+    vmax = _vmax(m)
     rgb, _ = colors.colorize(m.grid, opts.cmap, vmax)  # [gh, gw, 3]
     s = max(1, opts.max_image_side // max(gh, gw))
     img = Image.fromarray(rgb).resize((gw * s, gh * s), Image.NEAREST)
@@ -123,7 +129,7 @@ def attention_image(m: AttentionMap, opts: RenderOptions) -> Image.Image:
         draw.rectangle([c0 * s, r0 * s, c1 * s - 1, r1 * s - 1], outline=WINDOW_RGB, width=1)
     if m.query_cells:
         r0, r1, c0, c1 = m.query_cells
-        _outline(draw, (c0 * s, r0 * s, c1 * s - 1, r1 * s - 1), QUERY_RGB, width=max(1, min(2, int(s) // 2)))
+        _outline(draw, (c0 * s, r0 * s, c1 * s, r1 * s), QUERY_RGB, width=max(1, min(2, int(s) // 2)))
     strip = colors.legend_strip(img.width, m.title, opts.cmap, vmax, m.quantity,
                                 not_a_key="grey" if m.window else None)
     return colors.stack(img, strip)
@@ -150,6 +156,8 @@ def _token_image(m: AttentionMap, opts: RenderOptions) -> Image.Image:
 def fit_photo(photo: np.ndarray, max_side: int) -> tuple[Image.Image, tuple[float, float]]:
     """HWC uint8 photo -> (PIL image with long side <= max_side, (sx, sy) its pixels per original pixel)."""
     img = Image.fromarray(photo)
+    if img.mode != "RGB":  # grey (H x W), grey + alpha or RGBA (H x W x 4): blended with RGB colour, so RGB
+        img = img.convert("RGB")
     h, w = photo.shape[:2]
     s = min(1.0, max_side / max(w, h))
     if s < 1.0:
@@ -165,7 +173,7 @@ def overlay_image(m: AttentionMap, photo: Image.Image, scale: tuple[float, float
     """
     rh, rw = m.real_hw
     real = m.grid[:rh, :rw]  # [h, w]; padding cells have no pixels
-    vmax = float(np.nanmax(real)) if np.isfinite(real).any() else 0.0
+    vmax = _vmax(m)
     rgb, valid = colors.colorize(real, opts.cmap, vmax)
     W, H = photo.size
     heat = Image.fromarray(rgb).resize((W, H), Image.NEAREST)  # every token a block of pixels
@@ -177,7 +185,7 @@ def overlay_image(m: AttentionMap, photo: Image.Image, scale: tuple[float, float
     sx, sy = scale
     if m.query_box:
         x0, y0, x1, y1 = m.query_box
-        _outline(draw, (round(x0 * sx), round(y0 * sy), round(x1 * sx) - 1, round(y1 * sy) - 1), QUERY_RGB)
+        _outline(draw, (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)), QUERY_RGB)
     for x, y in m.marks:
         _mark(draw, x * sx, y * sy, max(4, round(min(W, H) / 60)))
     strip = colors.legend_strip(img.width, m.title, opts.cmap, vmax, m.quantity,

@@ -29,6 +29,8 @@ class RecordView:
     qkv: {"q","k","v": [n_groups, heads, N, d], "groups": [...], "scale": float} or None.
     probs_transformed: the kernel changed the probabilities after softmax (fake-quantized softmax), so a
     recomputation from q/k alone is not what the kernel used.
+    recomputed: `probs` were recomputed from the saved q/k (a run saved with `--save-qkv` but not `--save-attn`).
+    query_limit: the capture's `--max-attn-queries` (caps decoder token maps when `MapOptions.max_queries` is None).
     """
 
     layer_key: str
@@ -42,6 +44,8 @@ class RecordView:
     key_pooling: dict | None = None
     qkv: dict | None = None
     probs_transformed: bool = False
+    recomputed: bool = False
+    query_limit: int | None = None
 
     @classmethod
     def from_record(cls, record) -> "RecordView":
@@ -102,9 +106,13 @@ class AttentionMap:
 
 @dataclass(frozen=True)
 class MapOptions:
-    """Which maps: queries per call, per-head maps too, the key cap (`--max-tokens`)."""
+    """Which maps: queries per call, per-head maps too, the key cap (`--max-tokens`).
 
-    max_queries: int = 2
+    max_queries: queries per attention call; None: the saved queries plus the extra query places (decoder token
+    maps capped at the capture's own limit), nothing more.
+    """
+
+    max_queries: int | None = None
     per_head: bool = False
     max_tokens: int = 4096
 
@@ -181,7 +189,20 @@ def _peak_cell(grid: np.ndarray) -> tuple[int, int]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(flat)), grid.shape))
 
 
-def _grid_map(view: RecordView, q: dict, probs: torch.Tensor, frame: ImageFrame, opts: MapOptions, prompts,
+def real_max(grid: np.ndarray, real_hw: tuple[int, int]) -> float:
+    """The largest finite value on the real (non-padding) cells of `grid`; NaN when there is none."""
+    real = grid[:real_hw[0], :real_hw[1]]
+    return float(np.nanmax(real)) if np.isfinite(real).any() else float("nan")
+
+
+def _token_limit(view: RecordView, opts: MapOptions) -> int:
+    """How many decoder tokens get maps beyond the selected queries (token->image extras, image->token maps)."""
+    if opts.max_queries is not None:
+        return opts.max_queries
+    return view.query_limit if view.query_limit is not None else len(view.queries)
+
+
+def _grid_map(view: RecordView, q: dict, probs: torch.Tensor, opts: MapOptions, prompts,
               recomputed: bool = False) -> list[AttentionMap]:
     """Maps of one grid-keyed query (Hiera, decoder token->image, memory self-attention)."""
     geo = view.geometry
@@ -206,9 +227,9 @@ def _grid_map(view: RecordView, q: dict, probs: torch.Tensor, frame: ImageFrame,
     f = int(pooling["factor"]) if pooling else 1
     for head, values in _heads(probs, opts.per_head):
         grid = place_on_grid(values, key_block, grid_hw, pooling)
-        pr, pc = _peak_cell(grid)
+        pr, pc = _peak_cell(grid[:real_hw[0], :real_hw[1]])  # padding cells have no pixels: never the peak
         what = "token" if is_token else "query"
-        notes = (", recomputed from saved q/k" if recomputed else "") + (f", keys pooled {f}x{f}" if f > 1 else "")
+        notes = (", recomputed from q/k" if recomputed else "") + (f", keys pooled {f}x{f}" if f > 1 else "")
         if recomputed and view.probs_transformed:
             notes += " (without the kernel's probability quantizer)"
         out.append(AttentionMap(
@@ -216,16 +237,20 @@ def _grid_map(view: RecordView, q: dict, probs: torch.Tensor, frame: ImageFrame,
             name=f"{safe_name(view.stem)}__{safe_name(label)}__{_head_tag(head)}", label=label,
             title=f"{view.layer_key} [{view.kind}] {what} {label}, {_head_words(head)}{notes}",
             quantity=f"attention probability per key token ({_head_words(head)})",
-            display="grid", head=head, score=float(np.nanmax(grid)), peak=f"key({pr},{pc})",
+            display="grid", head=head, score=real_max(grid, real_hw), peak=f"key({pr},{pc})",
             grid=grid, real_hw=real_hw, query_box=q.get("pixel_box"), query_cells=None if is_token else cells,
             window=window, marks=marks, pooled=f))
     return out
 
 
-def _token_map(view: RecordView, q: dict, probs: torch.Tensor, opts: MapOptions, prompts) -> list[AttentionMap]:
+def _token_map(view: RecordView, q: dict, probs: torch.Tensor, opts: MapOptions, prompts,
+               recomputed: bool = False) -> list[AttentionMap]:
     """Maps of a query whose keys are decoder tokens (self-attention; image->token for one image query)."""
     roles = list(view.geometry.get("key_roles") or [f"token{i}" for i in range(probs.shape[-1])])
     label = q["label"]
+    notes = ", recomputed from q/k" if recomputed else ""
+    if recomputed and view.probs_transformed:
+        notes += " (without the kernel's probability quantizer)"
     out = []
     for head, values in _heads(probs, opts.per_head):
         j = int(np.argmax(values))
@@ -233,7 +258,7 @@ def _token_map(view: RecordView, q: dict, probs: torch.Tensor, opts: MapOptions,
         out.append(AttentionMap(
             layer_key=view.layer_key, kind=view.kind, call_index=view.call_index,
             name=f"{safe_name(view.stem)}__{safe_name(label)}__{_head_tag(head)}", label=label,
-            title=f"{view.layer_key} [{view.kind}] query {label}, {_head_words(head)}",
+            title=f"{view.layer_key} [{view.kind}] query {label}, {_head_words(head)}{notes}",
             quantity=f"attention probability per key token ({_head_words(head)})",
             display="tokens", head=head, score=float(values.max()), peak=f"token {roles[j]}",
             token_values=values, token_roles=roles, query_box=q.get("pixel_box"),
@@ -252,13 +277,14 @@ def _image_to_token_maps(view: RecordView, opts: MapOptions, prompts) -> list[At
     probs = attention_probs(q, k, float(view.qkv["scale"]))  # [heads, Nq, Nk]
     roles = list(view.geometry.get("key_roles") or [f"token{i}" for i in range(k.shape[-2])])
     out = []
-    for t in token_priority(roles)[:opts.max_queries]:
+    for t in token_priority(roles)[:_token_limit(view, opts)]:
         role = roles[t]
         pos = role_position(role, prompts)
         for head, values in _heads(probs[:, :, t], opts.per_head):  # [heads, Nq] -> [Nq]
             grid = values.reshape(gh, gw).astype(np.float32)
             pr, pc = _peak_cell(grid)
-            note = " (recomputed from q/k without the kernel's probability quantizer)" if view.probs_transformed else ""
+            note = ", recomputed from q/k" + (" (without the kernel's probability quantizer)"
+                                             if view.probs_transformed else "")
             out.append(AttentionMap(
                 layer_key=view.layer_key, kind=view.kind, call_index=view.call_index,
                 name=f"{safe_name(view.stem)}__to_{safe_name(role)}__{_head_tag(head)}", label=f"to_{role}",
@@ -279,7 +305,8 @@ def _extra_queries(view: RecordView, frame: ImageFrame, locations, opts: MapOpti
         return []
     geo, groups = view.geometry, list(view.qkv["groups"])
     taken = {(q["group"], q["index"]) for q in view.queries}
-    want = opts.max_queries - len(view.queries)
+    # max_queries None: every extra place asked (beyond the saved queries), no decoder token beyond the limit
+    want = len(locations) if opts.max_queries is None else opts.max_queries - len(view.queries)
     out = []
 
     def add(spec):
@@ -315,6 +342,7 @@ def _extra_queries(view: RecordView, frame: ImageFrame, locations, opts: MapOpti
     elif view.kind == "decoder_token_to_image" and 0 in groups:
         roles = geo.get("query_roles") or []
         gh, gw = geo["key_grid_hw"]
+        want = _token_limit(view, opts) - len(view.queries)
         for t in token_priority(roles):
             if len(out) >= want:
                 break
@@ -332,14 +360,14 @@ def build_maps(view: RecordView, frame: ImageFrame, opts: MapOptions, *, prompts
     maps: list[AttentionMap] = []
     if keys == "grid":
         for q, probs in zip(view.queries[:opts.max_queries], view.probs):
-            maps += _grid_map(view, q, probs, frame, opts, prompts)
+            maps += _grid_map(view, q, probs, opts, prompts, recomputed=view.recomputed)
         for q, probs in _extra_queries(view, frame, extra_locations or [], opts):
-            maps += _grid_map(view, q, probs, frame, opts, prompts, recomputed=True)
+            maps += _grid_map(view, q, probs, opts, prompts, recomputed=True)
     elif keys == "tokens":
         for q, probs in zip(view.queries[:opts.max_queries], view.probs):
-            maps += _token_map(view, q, probs, opts, prompts)
+            maps += _token_map(view, q, probs, opts, prompts, recomputed=view.recomputed)
         for q, probs in _extra_queries(view, frame, extra_locations or [], opts):
-            maps += _token_map(view, q, probs, opts, prompts)
+            maps += _token_map(view, q, probs, opts, prompts, recomputed=True)
         if view.kind == "decoder_image_to_token":
             maps += _image_to_token_maps(view, opts, prompts)
     return maps  # keys "sequence" (memory cross-attention over several frames) are not drawn yet

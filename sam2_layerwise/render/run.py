@@ -34,13 +34,11 @@ class RenderPlan:
         return self.draw.images or self.draw.overlays
 
     def to_dict(self) -> dict:
-        maps = dict(self.maps.__dict__)
-        if maps["max_queries"] >= 1 << 30:  # `render` without --max-attn-queries: every saved and asked query
-            maps["max_queries"] = None
+        maps = dict(self.maps.__dict__)  # max_queries None: the saved queries plus the extra query places
         return {**self.draw.to_dict(), **maps, "topk": self.topk, "topk_symlink": self.topk_symlink}
 
 
-def render_views(views: list[RecordView], photo: np.ndarray, frame: ImageFrame, plan: RenderPlan, writer, *,
+def render_views(views: list[RecordView], photo: np.ndarray | None, frame: ImageFrame, plan: RenderPlan, writer, *,
                  prompts=None, extra_locations=None) -> tuple[RenderResult, dict]:
     """Draw every view's maps and the top-k lists into `writer`. Returns (result, summary `files` entries)."""
     t0 = time.perf_counter()

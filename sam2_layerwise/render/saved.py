@@ -86,6 +86,9 @@ def load_photo(run: SavedRun, override: str | None = None) -> np.ndarray:
 
 
 def _stem(entry: dict) -> str:
+    """The record's file stem, as the summary stores it (older summaries: derived the way records do)."""
+    if entry.get("file_stem"):
+        return entry["file_stem"]
     return entry["layer_key"] if not entry.get("call_index") else f"{entry['layer_key']}__call{entry['call_index']}"
 
 
@@ -96,6 +99,7 @@ def saved_views(run: SavedRun) -> list[RecordView]:
     `__qkv.pt` by `attention_probs`, the capture's own recomputation.
     """
     views = []
+    limit = (run.summary.get("capture_options") or {}).get("max_attn_queries")
     for entry in run.summary["attention"]:
         files = entry.get("files") or {}
         attn = safe_load(run.run_dir / files["attn"]) if files.get("attn") else None
@@ -117,7 +121,8 @@ def saved_views(run: SavedRun) -> list[RecordView]:
         views.append(RecordView(layer_key=entry["layer_key"], kind=entry["kind"], call_index=entry.get("call_index", 0),
                                 stem=_stem(entry), heads=entry["heads"], geometry=entry["geometry"], queries=queries,
                                 probs=probs, key_pooling=pooling, qkv=qkv,
-                                probs_transformed=probs_transformed(entry.get("quant"))))
+                                probs_transformed=probs_transformed(entry.get("quant")), recomputed=attn is None,
+                                query_limit=int(limit) if limit is not None else None))
     return views
 
 
@@ -128,13 +133,15 @@ def rerender_writer(run_dir: Path) -> RunWriter:
     return RunWriter(run_dir, owned=(layout.SUMMARY, *RENDER_DIRS))
 
 
-def rerender(run: SavedRun, photo: np.ndarray, plan: RenderPlan, *, extra_points=()) -> dict:
+def rerender(run: SavedRun, photo: np.ndarray | None, plan: RenderPlan, *, extra_points=()) -> dict:
     """Draw the saved run again into its own directory; returns the updated summary."""
     views = saved_views(run)
     if not views:
         raise InputError("holds no saved attention tensors (capture with --save-attn and/or --save-qkv)",
                          flag="--run-dir", value=str(run.run_dir))
-    locations = run.locations + [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
+    extra = [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
+    # without --max-attn-queries: the saved queries plus the extra points, not the run's uncaptured places
+    locations = (run.locations if plan.maps.max_queries is not None else []) + extra
     summary = run.summary
     with rerender_writer(run.run_dir) as writer:
         result, files = render_views(views, photo, run.frame, plan, writer, prompts=run.prompts,

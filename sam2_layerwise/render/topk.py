@@ -10,6 +10,7 @@ maps and `topk_<kind>.txt` per attention kind.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import PurePosixPath
 
@@ -21,7 +22,9 @@ HEADER = "rank\tscore\tlayer\tkind\tquery\thead\tpeak\tpath"
 
 
 def ranked(rendered: list[Rendered]) -> list[Rendered]:
-    return sorted(rendered, key=lambda r: (-r.map.score, r.path))
+    """Highest score first, ties by path; NaN scores (maps without a finite value) last."""
+    return sorted(rendered, key=lambda r: (math.isnan(r.map.score), -r.map.score if not math.isnan(r.map.score)
+                                           else 0.0, r.path))
 
 
 def _line(rank: int, r: Rendered) -> str:
@@ -32,7 +35,8 @@ def _line(rank: int, r: Rendered) -> str:
 
 def write_topk(rendered: list[Rendered], k: int, writer, *, symlink: bool = False) -> dict:
     """Write `attn_topk/topk_all.txt` and `attn_topk/topk_<kind>.txt` (k lines each, paths relative to the run
-    directory); with `symlink`, `attn_topk/<kind>/<rank>__<name>.png` -> the listed picture (relative links).
+    directory); with `symlink`, `attn_topk/<kind>/<rank>__<name>.png` -> the listed picture (relative links),
+    for every list including `all` (`attn_topk/all/`).
     Returns the summary `files` entry."""
     if k <= 0 or not rendered:
         return {}
@@ -48,7 +52,7 @@ def write_topk(rendered: list[Rendered], k: int, writer, *, symlink: bool = Fals
         rel = f"{layout.ATTN_TOPK}/topk_{layout.safe_name(kind)}.txt"
         atomic_write_bytes(("\n".join(text) + "\n").encode(), writer.path(rel))
         lists.append(rel)
-        if symlink and kind != "all":
+        if symlink:
             for i, r in enumerate(top):
                 link_rel = f"{layout.ATTN_TOPK}/{layout.safe_name(kind)}/{i + 1:03d}__{PurePosixPath(r.path).name}"
                 link = writer.path(link_rel)

@@ -136,9 +136,11 @@ def test_qpool_query_marker_covers_its_2x2_source_tokens(chelsea_run):
     png = np.asarray(Image.open(out / "attn_overlays" / "by_layer" / key / f"{key}__{q.label}__mean.png").convert("RGB"))
     ys, xs = np.nonzero(np.all(png[:H, :W] == (0, 255, 255), axis=-1))  # the cyan query outline
     assert len(xs) > 0
-    # drawn just outside the box, at most 3 px away from it on every side
-    assert x0 - 4 <= xs.min() < x0 and x1 - 1 < xs.max() <= x1 + 3
-    assert y0 - 4 <= ys.min() < y0 and y1 - 1 < ys.max() <= y1 + 3
+    # drawn just outside the box [x0, x1) x [y0, y1), at most 3 px away from it on every side
+    assert x0 - 4 <= xs.min() < x0 and x1 <= xs.max() <= x1 + 3
+    assert y0 - 4 <= ys.min() < y0 and y1 <= ys.max() <= y1 + 3
+    inside = (xs >= round(x0)) & (xs < round(x1)) & (ys >= round(y0)) & (ys < round(y1))
+    assert not inside.any()  # no cyan on the query's own pixels
 
 
 def test_attention_image_places_the_window_on_the_whole_grid(chelsea_run):
