@@ -13,12 +13,10 @@ appended below it. Colours are linear from 0 to the map's maximum (the legend pr
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,7 +24,7 @@ from PIL import Image, ImageDraw
 from sam2_layerwise.render import colors
 from sam2_layerwise.render.maps import AttentionMap, real_max
 from sam2_layerwise.store import layout
-from sam2_layerwise.store.atomic import atomic_write_bytes
+from sam2_layerwise.store.atomic import atomic_save_png, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -194,19 +192,6 @@ def overlay_image(m: AttentionMap, photo: Image.Image, scale: tuple[float, float
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _save_png(img: Image.Image, path: Path, level: int) -> None:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=level)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        dst.write_bytes(src.read_bytes())
-
-
 def _write(pool: ThreadPoolExecutor, jobs: list, writer, folder: str, m: AttentionMap, img: Image.Image,
            level: int) -> str:
     """`<folder>/by_layer/<layer>/<name>.png`, hard-linked as `<folder>/all/<name>.png`. Returns the first.
@@ -217,8 +202,8 @@ def _write(pool: ThreadPoolExecutor, jobs: list, writer, folder: str, m: Attenti
     path, flat = writer.path(rel), writer.path(f"{folder}/all/{m.name}.png")
 
     def job():
-        _save_png(img, path, level)
-        _link_or_copy(path, flat)
+        atomic_save_png(img, path, compress_level=level)
+        link_or_copy(path, flat)
     jobs.append(pool.submit(job))
     if len(jobs) > _IN_FLIGHT:  # bound the pictures waiting in memory
         jobs[-_IN_FLIGHT - 1].result()

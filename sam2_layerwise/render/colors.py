@@ -23,12 +23,19 @@ def colormap_names() -> list[str]:
     return sorted(matplotlib.colormaps)
 
 
-def check_cmap(name: str, flag: str = "--cmap"):
-    """The matplotlib colormap called `name`, or an InputError listing close names."""
+@lru_cache(maxsize=16)
+def _lookup(name: str):
+    """matplotlib's colormap `name`, looked up once per name (the registry hands out a fresh copy each time;
+    maps only read it, so every map of a pass shares one)."""
     import matplotlib
 
+    return matplotlib.colormaps[name]
+
+
+def check_cmap(name: str, flag: str = "--cmap"):
+    """The matplotlib colormap called `name`, or an InputError listing close names."""
     try:
-        return matplotlib.colormaps[name]
+        return _lookup(name)
     except (KeyError, ValueError, TypeError):
         pass
     names = colormap_names()

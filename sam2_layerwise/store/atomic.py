@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,9 +36,19 @@ def atomic_write_json(obj, path: Path) -> Path:
     return atomic_write_bytes((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode(), Path(path))
 
 
-def atomic_save_png(image, path: Path) -> Path:
-    """Save a PIL image as PNG atomically."""
-    return _atomic(Path(path), lambda f: image.save(f, format="PNG"))
+def atomic_save_png(image, path: Path, compress_level: int | None = None) -> Path:
+    """Save a PIL image as PNG atomically (`compress_level`: zlib level 0-9; None: Pillow's default)."""
+    kw = {} if compress_level is None else {"compress_level": compress_level}
+    return _atomic(Path(path), lambda f: image.save(f, format="PNG", **kw))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` as `dst` (its folder made if needed); a copy where hard links are not possible."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def safe_load(path: Path):

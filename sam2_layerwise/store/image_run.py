@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,7 @@ from sam2_layerwise.capture.attention import pool_keys
 from sam2_layerwise.capture.records import AttentionRecord
 from sam2_layerwise.render.prediction import prediction_images
 from sam2_layerwise.store import layout
-from sam2_layerwise.store.atomic import atomic_save_png, atomic_torch_save, atomic_write_json
+from sam2_layerwise.store.atomic import atomic_save_png, atomic_torch_save, atomic_write_json, link_or_copy
 from sam2_layerwise.store.summary import build_summary
 
 log = logging.getLogger(__name__)
@@ -42,15 +41,6 @@ def key_block_hw(record: AttentionRecord) -> tuple[int, int] | None:
     return r1 - r0, c1 - c0
 
 
-def _link_or_copy(src, dst) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, dst)
-
-
 def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, opts: OutputOptions) -> None:
     """`attn_tensors/by_layer/<layer>/<stem>__attn.pt` (+ `__qkv.pt`), hard-linked into `attn_tensors/all/`."""
     stem = layout.safe_name(record.file_stem)
@@ -74,7 +64,7 @@ def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, o
         rel = f"{layer_dir}/{stem}__{what}.pt"
         atomic_torch_save(payload, writer.path(rel))
         all_rel = f"{layout.ATTN_TENSORS}/all/{stem}__{what}.pt"
-        _link_or_copy(writer.path(rel), writer.path(all_rel))
+        link_or_copy(writer.path(rel), writer.path(all_rel))
         record.files[what] = rel
         record.files[f"{what}_all"] = all_rel
 

@@ -31,6 +31,7 @@ def attention_entry(r: AttentionRecord) -> dict:
         "module_type": r.module_type,
         "kind": r.kind,
         "call_index": r.call_index,
+        "file_stem": r.file_stem,
         "q_shape": r.q_shape, "k_shape": r.k_shape, "v_shape": r.v_shape,
         "heads": r.heads, "head_dim": r.head_dim, "scale": r.scale, "kernel_dtype": r.kernel_dtype,
         "groups": G, "queries_per_group": nq, "keys_per_group": r.k_shape[2], "query_count": G * nq,

@@ -158,3 +158,27 @@ def test_grey_and_rgba_photos_are_drawn(shape, tmp_path):
     with RunWriter(tmp_path / "run") as writer:
         result = render_maps([_map(0.4, "m")], photo, RenderOptions(images=True, overlays=True), writer)
     assert result.rendered[0].overlay and (tmp_path / "run" / result.rendered[0].overlay).is_file()
+
+
+def test_summary_stores_file_stem_and_render_reads_it(attn_run):
+    summary = json.loads((attn_run / "layerwise_summary.json").read_text())
+    by_key = {(e["layer_key"], e.get("call_index", 0)): e for e in summary["attention"]}
+    assert all(e["file_stem"] for e in by_key.values())
+    saved = open_run(attn_run)
+    for v in saved_views(saved):
+        assert v.stem == by_key[(v.layer_key, v.call_index)]["file_stem"]
+    from sam2_layerwise.render.saved import _stem
+    assert _stem({"layer_key": "a", "call_index": 2}) == "a__call2"  # older summaries: derived
+    assert _stem({"layer_key": "a", "call_index": 0, "file_stem": "x"}) == "x"
+
+
+def test_atomic_png_level_and_link_or_copy(tmp_path):
+    from sam2_layerwise.store.atomic import atomic_save_png, link_or_copy
+    img = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (64, 1, 3)))  # compressible
+    fast, small = tmp_path / "a.png", tmp_path / "b.png"
+    atomic_save_png(img, fast, compress_level=0)
+    atomic_save_png(img, small, compress_level=9)
+    assert fast.stat().st_size > small.stat().st_size
+    assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(small)))
+    link_or_copy(fast, tmp_path / "sub" / "c.png")
+    assert (tmp_path / "sub" / "c.png").read_bytes() == fast.read_bytes()
