@@ -180,13 +180,25 @@ class _LayerQuant:
                         module.register_forward_hook(self.post, always_call=True)]
 
     def refresh(self) -> None:
-        """Recompute the fake-quantized weight (after the float weight changed or moved)."""
+        """Recompute the fake-quantized weight (after the float weight changed or moved): the quantizers'
+        scales follow the float weight's device (they stay fp32); the fake-quantized copy has its dtype."""
+        current = self.module._parameters.get("weight")
+        if current is not None and current is not self.q_weight:
+            self.float_weight = current  # `model.to()` may have replaced the parameter object
+        device = self.float_weight.device
+        for fq in (self.weight_q, self.input_q):
+            if fq is not None:
+                fq.to(device)
         if self.weight_q is not None:
             with torch.no_grad():
                 self.q_weight = nn.Parameter(self.weight_q.quiet(self.float_weight.detach()), requires_grad=False)
 
     def pre(self, module, args):
         if self.q_weight is not None:
+            w = module._parameters["weight"]
+            if w is not self.q_weight and (w is not self.float_weight or self.q_weight.device != w.device
+                                           or self.q_weight.dtype != w.dtype):
+                self.refresh()  # the model was moved (`.to("cuda")`, `.half()`) after install
             module._parameters["weight"] = self.q_weight
         if self.input_q is not None and args and isinstance(args[0], torch.Tensor):
             return (self.input_q(args[0]), *args[1:])
@@ -251,6 +263,15 @@ class QuantizedModel:
         if getattr(self.model, _ATTR, None) is not None:
             raise ModelError("this model already has quantizers installed; call remove() on them first")
         setattr(self.model, _ATTR, self)
+        try:
+            self._install()
+        except BaseException:
+            self.remove()  # nothing half-installed stays behind
+            raise
+        self.installed = True
+        return self
+
+    def _install(self) -> None:
         modules = dict(self.model.named_modules())
         targets = quantizable_modules(self.model)
         for name, (cls, roles) in targets.items():
@@ -263,17 +284,17 @@ class QuantizedModel:
             else:
                 proj = f"{name}.{_output_projection(module)}"
                 tiled = site_id(proj, "input") in self.quantizers
-                dispatch.routing(module, name).kernel = QuantKernel(qs["q"], qs["k"], qs["v"], qs["probs"], tiled)
+                state = dispatch.routing(module, name)
                 self._kernels[name] = module
+                state.kernel = QuantKernel(qs["q"], qs["k"], qs["v"], qs["probs"], tiled)
         # An output projection with a quantized input needs its attention module's kernel to be tiled too.
         for name, (cls, _) in targets.items():
             if cls in ATTENTION_TYPES and name not in self._kernels:
                 proj = f"{name}.{_output_projection(modules[name])}"
                 if site_id(proj, "input") in self.quantizers:
-                    dispatch.routing(modules[name], name).kernel = QuantKernel(None, None, None, None, tiled=True)
+                    state = dispatch.routing(modules[name], name)
                     self._kernels[name] = modules[name]
-        self.installed = True
-        return self
+                    state.kernel = QuantKernel(None, None, None, None, tiled=True)
 
     def remove(self) -> None:
         """Take every hook and kernel out: the model is the float model again."""
@@ -290,8 +311,23 @@ class QuantizedModel:
         self.installed = False
 
     def refresh_weights(self) -> None:
+        """Recompute the fake-quantized weights from the float ones (after they changed, e.g. in training) and
+        move every quantizer's scales to the model's device. Moving the model (`.to("cuda")`, `.half()`) after
+        install needs no call: a layer refreshes itself when its weight's device or dtype changed, and the
+        quantizers follow their input's device."""
         for lq in self._layers.values():
             lq.refresh()
+        device = next(self.model.parameters()).device
+        for fq in self.quantizers.values():
+            fq.to(device)
+
+    def float_state_dict(self) -> dict:
+        """`model.state_dict()` with every quantized layer's float weight (never a fake-quantized copy, even
+        if an interrupted forward left one in place)."""
+        state = dict(self.model.state_dict())
+        for name, lq in self._layers.items():
+            state[f"{name}.weight" if name else "weight"] = lq.float_weight
+        return state
 
     def params(self) -> dict:
         """site id -> checkpoint entry (module, role, kind, bits, scale, zero point, ...)."""

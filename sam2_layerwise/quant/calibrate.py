@@ -178,24 +178,25 @@ def calibrate_model(model, qcfg, images, *, seed: int = 0, on_image=None):
     observers = {qid: Observer(s.spec, s.axis, seed) for qid, s in sites.items() if s.params_from_data}
     modules = dict(model.named_modules())
     handles, routed = [], []
-    for name, (cls, roles) in quantizable_modules(model).items():
-        module = modules[name]
-        if cls in ATTENTION_TYPES:
-            obs = {r: observers.get(site_id(name, r)) for r in ("q", "k", "v")}
-            if any(obs.values()):
-                def observe(view, out, obs=obs):
-                    for role, o in obs.items():
-                        if o is not None:
-                            o.update(getattr(view, role))
-                state = dispatch.routing(module, name)
-                state.observers.append(observe)
-                routed.append((module, state, observe))
-        else:
-            o = observers.get(site_id(name, "input"))
-            if o is not None:
-                handles.append(module.register_forward_pre_hook(lambda m, args, o=o: o.update(args[0])))
-    predictor = make_predictor(model)
+    predictor, ok = None, False
     try:
+        for name, (cls, roles) in quantizable_modules(model).items():
+            module = modules[name]
+            if cls in ATTENTION_TYPES:
+                obs = {r: observers.get(site_id(name, r)) for r in ("q", "k", "v")}
+                if any(obs.values()):
+                    def observe(view, out, obs=obs):
+                        for role, o in obs.items():
+                            if o is not None:
+                                o.update(getattr(view, role))
+                    state = dispatch.routing(module, name)
+                    state.observers.append(observe)
+                    routed.append((module, state, observe))
+            else:
+                o = observers.get(site_id(name, "input"))
+                if o is not None:
+                    handles.append(module.register_forward_pre_hook(lambda m, args, o=o: o.update(args[0])))
+        predictor = make_predictor(model)
         with torch.inference_mode():
             for n, image in enumerate(images):
                 predictor.set_image(image)
@@ -210,13 +211,17 @@ def calibrate_model(model, qcfg, images, *, seed: int = 0, on_image=None):
                     previous = low[int(np.argmax(ious))][None]
                 if on_image is not None:
                     on_image(n)
+        ok = True
     finally:
         for h in handles:
             h.remove()
         for module, state, observe in routed:
             state.observers.remove(observe)
             dispatch.release(module)
-        predictor.reset_predictor()
+        if not ok:
+            dispatch.reset()  # an exception may have unwound a forward pass with torch's SDPA still swapped
+        if predictor is not None:
+            predictor.reset_predictor()
 
     unseen = [qid for qid, o in observers.items() if not o.seen]
     if unseen:

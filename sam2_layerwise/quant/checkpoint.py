@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from sam2_layerwise.errors import ModelError, few
 from sam2_layerwise.model.loading import read_checkpoint
-from sam2_layerwise.quant.config import FLAG, QuantConfig
+from sam2_layerwise.quant.config import BITS_RANGE, FLAG, QuantConfig
 
 FORMAT = "sam2-layerwise/quant-checkpoint"
 VERSION = 1
@@ -41,12 +42,59 @@ ENTRY = "quantization"
 log = logging.getLogger(__name__)
 
 
+def _whole(value) -> int | None:
+    """An integral number (Python or 1-element tensor) as int; None when it is not one (3.7, NaN, a list)."""
+    try:
+        t = torch.as_tensor(value)
+        if t.numel() != 1 or t.dtype == torch.bool:
+            return None
+        v = t.reshape(()).double().item()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return int(v) if math.isfinite(v) and v == int(v) else None
+
+
+def _check_values(qid: str, site, p: dict, bits: int | None, wrong: list) -> None:
+    """Scale > 0 and finite; integral zero points within [qmin, qmax] (0 when symmetric); axis/granularity as
+    the config says."""
+    from sam2_layerwise.quant.quantizers import int_range
+
+    if "granularity" in p and p["granularity"] != site.spec.granularity:
+        wrong.append(f"{qid} is {p['granularity']} in the checkpoint, {site.spec.granularity} in the config")
+    if "axis" in p and site.needs_params and p["axis"] != site.axis:
+        wrong.append(f"{qid} has scales along axis {p['axis']} in the checkpoint, the config's along {site.axis}")
+    if "scale" in p and site.needs_params:
+        try:
+            scale = torch.as_tensor(p["scale"]).double()
+        except (TypeError, ValueError, RuntimeError):
+            wrong.append(f"{qid} scale is not numeric")
+            return
+        if scale.numel() and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            wrong.append(f"{qid} has a scale that is not finite and > 0 in the checkpoint")
+    if p.get("zero_point") is not None and site.needs_params:
+        try:
+            zp = torch.as_tensor(p["zero_point"]).double()
+        except (TypeError, ValueError, RuntimeError):
+            wrong.append(f"{qid} zero_point is not numeric")
+            return
+        if not bool((torch.isfinite(zp) & (zp == zp.round())).all()):
+            wrong.append(f"{qid} has a zero point that is not a whole number in the checkpoint")
+        elif site.spec.symmetric and bool((zp != 0).any()):
+            wrong.append(f"{qid} is symmetric but has a non-zero zero point in the checkpoint")
+        elif bits is not None and zp.numel():
+            qmin, qmax = int_range(bits, site.spec.symmetric)
+            if not bool(((zp >= qmin) & (zp <= qmax)).all()):
+                wrong.append(f"{qid} has a zero point outside [{qmin}, {qmax}] in the checkpoint")
+
+
 def check_params(sites: dict, params: dict[str, dict], qcfg: QuantConfig, *, source: str, flag: str = "--checkpoint") -> None:
     """Raise naming what is missing, left over or inconsistent between the config's sites and `params`.
 
     Needed: a scale (and a zero point when affine) for every activation quantizer (calibrated) and every LSQ
     quantizer (learned); bits where the config says `bits: checkpoint`. Weight scales of uniform quantizers may
-    be absent (they are computed from the weights).
+    be absent (they are computed from the weights). Values are checked too: bits whole and within the kind's
+    range, scales finite and > 0, zero points whole and within [qmin, qmax] (0 when symmetric), axis and
+    granularity as the config says.
     """
     missing, wrong = [], []
     for qid, site in sites.items():
@@ -58,8 +106,18 @@ def check_params(sites: dict, params: dict[str, dict], qcfg: QuantConfig, *, sou
             missing.append(f"{qid} zero_point")
         if site.spec.bits == "checkpoint" and "bits" not in p:
             missing.append(f"{qid} bits")
-        if "bits" in p and isinstance(site.spec.bits, int) and int(p["bits"]) != site.spec.bits:
-            wrong.append(f"{qid} has {int(p['bits'])} bits in the checkpoint, {site.spec.bits} in the config")
+        bits = site.spec.bits if isinstance(site.spec.bits, int) else None
+        if "bits" in p:
+            got = _whole(p["bits"])
+            lo, hi = BITS_RANGE.get(site.spec.kind, (2, 16))
+            if got is None:
+                wrong.append(f"{qid} has {p['bits']!r} bits in the checkpoint, not a whole number")
+            elif isinstance(site.spec.bits, int) and got != site.spec.bits:
+                wrong.append(f"{qid} has {got} bits in the checkpoint, {site.spec.bits} in the config")
+            elif not lo <= got <= hi:
+                wrong.append(f"{qid} has {got} bits in the checkpoint, out of range for {site.spec.kind} ({lo}..{hi})")
+            else:
+                bits = got
         if "kind" in p and p["kind"] != site.spec.kind:
             wrong.append(f"{qid} is {p['kind']} in the checkpoint, {site.spec.kind} in the config")
         if "symmetric" in p and site.needs_params and bool(p["symmetric"]) != site.spec.symmetric:
@@ -70,6 +128,9 @@ def check_params(sites: dict, params: dict[str, dict], qcfg: QuantConfig, *, sou
             want = site.channels if site.axis is not None else 1
             if n != want:
                 wrong.append(f"{qid} has {n} scales in the checkpoint, the config's {site.spec.granularity} needs {want}")
+            elif p.get("zero_point") is not None and torch.as_tensor(p["zero_point"]).numel() != n:
+                wrong.append(f"{qid} has {torch.as_tensor(p['zero_point']).numel()} zero points and {n} scales")
+        _check_values(qid, site, p, bits, wrong)
     leftover = [qid for qid in params if qid not in sites]
     problems = []
     if missing:
@@ -110,8 +171,9 @@ def state_dict_params(state: dict, sites: dict, qcfg: QuantConfig) -> tuple[dict
             key = layout.state_key(site.module, site.role, param)
             if key in rest:
                 value = rest.pop(key)
-                if param == "bits":
-                    value = int(torch.as_tensor(value).round().reshape(-1)[0].item())
+                if param == "bits":  # kept as stored: check_params rejects a non-integral width
+                    t = torch.as_tensor(value)
+                    value = t.reshape(()).item() if t.numel() == 1 else t
                 params.setdefault(qid, {})[param] = value
     return params, rest
 
@@ -124,7 +186,7 @@ def quant_checkpoint(qm, calibration: dict | None = None) -> dict:
              "tool": {"name": "sam2-layerwise", "version": __version__}}
     if calibration is not None:
         entry["calibration"] = calibration
-    state = {k: v.detach().cpu() for k, v in qm.model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in qm.float_state_dict().items()}
     return {"model": state, "format": FORMAT, "format_version": VERSION, ENTRY: entry}
 
 

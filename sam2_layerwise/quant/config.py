@@ -263,7 +263,7 @@ def parse_config(raw, source: str | None = None) -> QuantConfig:
         layout = replace(layout, location=ck["location"])
     if "key" in ck:
         key = ck["key"]
-        if not isinstance(key, str) or "{module}" not in key or "{param}" not in key:
+        if not isinstance(key, str) or any(f"{{{n}}}" not in key for n in ("module", "role", "param")):
             raise _err("checkpoint.key: expected a template containing {module}, {role} and {param}", source)
         try:
             key.format(module="m", role="r", param="p")
@@ -275,6 +275,12 @@ def parse_config(raw, source: str | None = None) -> QuantConfig:
             raise _err("checkpoint.params: expected a mapping like {scale: step_size}", source)
         _unknown(ck["params"], CKPT_PARAMS, "checkpoint.params", source)
         layout = replace(layout, params={**layout.params, **{k: str(v) for k, v in ck["params"].items()}})
+        names = list(layout.params.values())
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            which = [k for k, v in layout.params.items() if v == dup[0]]
+            raise _err(f"checkpoint.params: {' and '.join(which)} both map to '{dup[0]}'; give each its own name",
+                       source)
     if "roles" in ck:
         if not isinstance(ck["roles"], dict):
             raise _err("checkpoint.roles: expected a mapping like {input: act}", source)

@@ -91,7 +91,7 @@ def log2_quantize(x: torch.Tensor, bits: int, scale: float = 1.0) -> torch.Tenso
     xf = x.float()
     top = 2 ** bits - 1
     with torch.no_grad():
-        code = torch.round(-torch.log2(xf.clamp_min(torch.finfo(torch.float32).tiny) / scale)).clamp(0, top)
+        code = torch.round(-torch.log2(xf / scale)).clamp(0, top)  # log2(0) = -inf: the zero code
     out = torch.where((code >= top) | (xf <= 0), torch.zeros_like(xf), scale * torch.exp2(-code))
     return out.to(x.dtype)
 
@@ -221,6 +221,8 @@ class UniformKind:
     def forward(fq: FakeQuantizer, x: torch.Tensor, monitor: bool = False) -> torch.Tensor:
         if fq.scale is None:
             raise RuntimeError(f"quantizer {fq.qid} has no scale: calibrate it or load it from a checkpoint")
+        if fq.scale.device != x.device:
+            fq.to(x.device)  # the model was moved after install
         qmin, qmax = fq.qrange
         raw, codes = uniform_codes(x, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
         out = ((codes - _broadcast(fq.zero_point, x, fq.axis)) * _broadcast(fq.scale, x, fq.axis)).to(x.dtype)

@@ -157,3 +157,86 @@ def test_not_our_format(tiny_checkpoint, tmp_path):
     ckpt["format"] = "someone-else"
     msg = _load_error(load_quant_config(EXAMPLES / "passthrough.yaml"), _save(ckpt, tmp_path / "other.pt"))
     assert "format is 'someone-else'" in msg
+
+
+W = "image_encoder.trunk.blocks.3.attn.qkv:weight"  # 4-bit symmetric per channel along axis 0
+A = "image_encoder.trunk.blocks.0.attn.qkv:input"  # 8-bit affine per tensor
+MLP = "image_encoder.trunk.blocks.0.mlp.layers.0:weight"  # `bits: checkpoint` in _bits_cfg
+
+
+def _bits_cfg():
+    raw = yaml.safe_load(open(MIXED))
+    raw["rules"][1]["weight"]["bits"] = "checkpoint"
+    return parse_config(raw, "b.yaml")
+
+
+@pytest.mark.parametrize("qid, field, value, expect", [
+    (MLP, "bits", 3.7, f"{MLP} has 3.7 bits in the checkpoint, not a whole number"),
+    (MLP, "bits", 40, f"{MLP} has 40 bits in the checkpoint, out of range for uniform (2..16)"),
+    (MLP, "bits", 1, "out of range for uniform (2..16)"),
+    (W, "scale0", 0.0, f"{W} has a scale that is not finite and > 0"),
+    (W, "scale0", -1.0, f"{W} has a scale that is not finite and > 0"),
+    (W, "scale0", float("inf"), f"{W} has a scale that is not finite and > 0"),
+    (W, "scale0", float("nan"), f"{W} has a scale that is not finite and > 0"),
+    (W, "zero_point0", 1.0, f"{W} is symmetric but has a non-zero zero point"),
+    (A, "zero_point", 2.5, f"{A} has a zero point that is not a whole number"),
+    (A, "zero_point", 300.0, f"{A} has a zero point outside [0, 255]"),
+    (A, "zero_point", -1.0, f"{A} has a zero point outside [0, 255]"),
+    (W, "axis", 1, f"{W} has scales along axis 1 in the checkpoint, the config's along 0"),
+    (W, "granularity", "per_tensor", f"{W} is per_tensor in the checkpoint, per_channel in the config"),
+])
+def test_checkpoint_values_are_validated(mixed_ckpt, tmp_path, qid, field, value, expect):
+    ckpt = torch.load(mixed_ckpt, weights_only=True)
+    entry = ckpt["quantization"]["quantizers"][qid]
+    if field.endswith("0"):
+        entry[field[:-1]][0] = value
+    elif field == "zero_point":
+        entry[field] = torch.tensor(value)
+    else:
+        entry[field] = value
+    cfg = _bits_cfg() if qid == MLP else load_quant_config(MIXED)
+    msg = _load_error(cfg, _save(ckpt, tmp_path / "bad.pt"))
+    assert msg.startswith(f"--checkpoint {tmp_path / 'bad.pt'}: does not fit --adaptive-qat-config") and "inconsistent" in msg
+    assert expect in msg
+
+
+def test_non_integral_bits_in_a_state_dict_are_rejected_not_rounded(tiny_checkpoint, tmp_path, qmodel):
+    cfg = parse_config({
+        "defaults": {"weight": {"kind": "lsq", "bits": "checkpoint", "granularity": "per_tensor"}},
+        "rules": [{"match": ["memory_attention", "memory_encoder", "mask_downsample", "obj_ptr_proj",
+                             "obj_ptr_tpos_proj", "sam_prompt_encoder", "sam_mask_decoder"], "float": True}],
+        "checkpoint": {"location": "model", "params": {"scale": "step_size", "bits": "nbits"}}}, "qat.yaml")
+    state = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    for name, m in qmodel.named_modules():
+        if name.startswith("image_encoder") and type(m).__name__ in ("Linear", "Conv2d"):
+            state[f"{name}.weight_quantizer.step_size"] = torch.tensor(0.01)
+            state[f"{name}.weight_quantizer.nbits"] = torch.tensor(4.0)
+    loaded, qm = load_quantized_model(TINY_CONFIG, _save({"model": state}, tmp_path / "ok.pt"), cfg, device="cpu")
+    assert {fq.bits for fq in qm.quantizers.values()} == {4}
+    state["image_encoder.trunk.blocks.0.attn.qkv.weight_quantizer.nbits"] = torch.tensor(3.7)
+    msg = _load_error(cfg, _save({"model": state}, tmp_path / "frac.pt"))
+    assert "image_encoder.trunk.blocks.0.attn.qkv:weight has 3.7" in msg and "not a whole number" in msg
+
+
+def test_saved_weight_scales_are_used(mixed_ckpt, tmp_path):
+    """A perturbed weight scale in the checkpoint changes the layer's output exactly as that scale says: the
+    saved scales are used, not recomputed from the weights."""
+    qcfg = load_quant_config(MIXED)
+    _, qm = load_quantized_model(TINY_CONFIG, str(mixed_ckpt), qcfg, device="cpu")
+    ckpt = torch.load(mixed_ckpt, weights_only=True)
+    scale = ckpt["quantization"]["quantizers"][W]["scale"]
+    scale[0] *= 1.7
+    loaded, qm2 = load_quantized_model(TINY_CONFIG, _save(ckpt, tmp_path / "perturbed.pt"), qcfg, device="cpu")
+    assert torch.equal(qm2.quantizers[W].scale, scale)
+    name = W.split(":")[0]
+    lin = dict(loaded.model.named_modules())[name]
+    lin0 = dict(qm.model.named_modules())[name]
+    x = torch.randn(7, lin.in_features, generator=torch.Generator().manual_seed(0))
+    inq = qm2.quantizers.get(f"{name}:input")
+    xq = inq.quiet(x) if inq is not None else x
+    wq = torch.clamp(torch.round(lin.weight / scale[:, None]), -7, 7) * scale[:, None]
+    with torch.no_grad():
+        out, before = lin(x), lin0(x)
+    torch.testing.assert_close(out, torch.nn.functional.linear(xq, wq, lin.bias))
+    assert not torch.equal(out[:, 0], before[:, 0])  # the perturbed channel changed ...
+    assert torch.equal(out[:, 1:], before[:, 1:])  # ... and only it

@@ -134,3 +134,14 @@ def test_files(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump(W8))
     assert load_quant_config(ok).defaults["weight"].bits == 8
+
+
+def test_checkpoint_key_needs_role_and_params_need_distinct_names():
+    from sam2_layerwise.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"checkpoint.key: expected a template containing \{module\}, \{role\}"):
+        parse_config({"checkpoint": {"key": "{module}.q.{param}"}}, "c.yaml")
+    with pytest.raises(ModelError, match="checkpoint.params: scale and zero_point both map to 'step'"):
+        parse_config({"checkpoint": {"params": {"scale": "step", "zero_point": "step"}}}, "c.yaml")
+    with pytest.raises(ModelError, match="checkpoint.params: scale and bits both map to 'bits'"):
+        parse_config({"checkpoint": {"params": {"scale": "bits"}}}, "c.yaml")
