@@ -257,6 +257,7 @@ class QuantizedModel:
         self._modules = dict(model.named_modules())
         self._layers: dict[str, _LayerQuant] = {}
         self._kernels: dict[str, nn.Module] = {}
+        self._weight_error: dict[str, tuple] = {}  # qid -> (weight/scale identity, error dict)
         self.installed = False
 
     def install(self) -> "QuantizedModel":
@@ -349,12 +350,17 @@ class QuantizedModel:
         site, fq = self.sites[qid], self.quantizers[qid]
         entry = {"id": qid, "module": site.module, "role": site.role, "origin": site.origin, **fq.describe()}
         if site.role == "weight":
-            stats = QuantStats()
-            w = self._modules[site.module].weight.detach()  # float outside forward, installed or not
-            qmin, qmax = fq.qrange
-            raw, _ = uniform_codes(w, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
-            stats.add(w, fq.quiet(w), (raw < qmin) | (raw > qmax))
-            entry["error"] = {**stats.to_dict(), "on": "the weights"}
+            lq = self._layers.get(site.module)
+            w = (lq.float_weight if lq is not None else self._modules[site.module].weight).detach()
+            key = (w.data_ptr(), w._version, w.device, w.dtype, fq.scale.data_ptr(), fq.scale._version, fq.bits)
+            cached = self._weight_error.get(qid)
+            if cached is None or cached[0] != key:  # computed once per weight and scale, not per report
+                stats = QuantStats()
+                qmin, qmax = fq.qrange
+                raw, _ = uniform_codes(w, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
+                stats.add(w, fq.quiet(w), (raw < qmin) | (raw > qmax))
+                cached = self._weight_error[qid] = (key, stats.to_dict())
+            entry["error"] = {**cached[1], "on": "the weights"}
         else:
             entry["error"] = {**fq.stats.to_dict(), "on": "this input" if fq.stats.calls else "nothing (did not run)"}
         return entry

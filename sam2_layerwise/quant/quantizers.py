@@ -12,7 +12,10 @@ Conventions (every kind):
   0 .. 2^b - 2 dequantize to scale * 2^-c, the last code (and x <= 0) to exactly 0, so tiny probabilities
   vanish instead of being lifted to the smallest power of two;
 - per-channel: one scale (and zero point) per index along `axis`; per-tensor: one of each;
-- computation is fp32 whatever the input dtype (bf16 under autocast); the result has the input's dtype.
+- computation is fp32 whatever the input dtype (bf16 under autocast); the result has the input's dtype. The
+  values are exactly on the grid in fp32 only: for a bf16 (fp16) input, `(code - z) * scale` is rounded again
+  to bf16 (fp16) by that cast, so most grid points (any non-power-of-two scale) come out as their bf16
+  roundings, off the grid by up to 2^-8 relative (fp16: 2^-11).
 
 Kinds are a plain dict, `QUANTIZER_KINDS`: adding one is adding an entry.
 """
@@ -128,12 +131,17 @@ class QuantStats:
         xf, qf = x.detach().float(), xq.detach().float()
         err = qf - xf
         self.elements += x.numel()
-        self.clipped += int(clipped.sum().item()) if isinstance(clipped, torch.Tensor) else int(clipped)
-        self.sq_err += float(err.square().sum().item())
-        self.sq_ref += float(xf.square().sum().item())
-        if err.numel():
-            self.max_abs_err = max(self.max_abs_err, float(err.abs().max().item()))
         self.calls += 1
+        if not err.numel():
+            return
+        n_clip = clipped.sum() if isinstance(clipped, torch.Tensor) else torch.tensor(clipped, device=err.device)
+        # one device-to-host transfer per call, not four (float64: counts stay exact)
+        parts = [n_clip, err.square().sum(), xf.square().sum(), err.abs().max()]
+        c, se, sr, mx = torch.stack([t.to(torch.float64) for t in parts]).tolist()
+        self.clipped += int(c)
+        self.sq_err += se
+        self.sq_ref += sr
+        self.max_abs_err = max(self.max_abs_err, mx)
 
     def to_dict(self) -> dict:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else 0.0

@@ -136,3 +136,16 @@ def test_per_channel_activation_observer():
     s, z = o.finalize(8)
     torch.testing.assert_close(s, torch.tensor([4 / 255, 8 / 255]))
     assert z.tolist() == [64.0, 0.0]  # round(1 / (4/255)) = round(63.75)
+
+
+def test_stats_add_accumulates_like_the_plain_sums():
+    from sam2_layerwise.quant.quantizers import QuantStats
+
+    x = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    xq = torch.tensor([1.0, -2.5, 2.0, 0.5])
+    st = QuantStats()
+    st.add(x, xq, torch.tensor([False, True, True, False]))
+    st.add(x, xq, 1)
+    st.add(torch.empty(0), torch.empty(0), 0)
+    assert (st.elements, st.calls, st.clipped) == (8, 3, 3)
+    assert st.sq_err == pytest.approx(2 * 1.25) and st.sq_ref == pytest.approx(2 * 14.25) and st.max_abs_err == 1.0

@@ -110,3 +110,34 @@ def test_log2_zero_and_negative_are_zero():
     x = torch.tensor([0.0, -0.0, -1e-3, float(torch.finfo(torch.float32).tiny)])
     out = log2_quantize(x, 8)
     assert out[:3].tolist() == [0.0, 0.0, 0.0] and out[3].item() == 2.0 ** -126
+
+
+def test_bf16_values_are_the_fp32_grid_rounded_to_bf16():
+    """What docs/quantization.md says: the grid is exact in fp32; a bf16 input gets its bf16 rounding."""
+    from sam2_layerwise.quant.quantizers import fake_quantize
+
+    x = torch.linspace(-3, 3, 1001)
+    scale, zp = torch.tensor(3 / 127 * 1.01), torch.tensor(0.0)
+    grid = fake_quantize(x, scale, zp, -127, 127)
+    out = fake_quantize(x.bfloat16(), scale, zp, -127, 127)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fake_quantize(x.bfloat16().float(), scale, zp, -127, 127).bfloat16())
+    assert not torch.equal(out.float(), fake_quantize(x.bfloat16().float(), scale, zp, -127, 127))  # off the grid
+    rel = ((out.float() - fake_quantize(x.bfloat16().float(), scale, zp, -127, 127)).abs() / grid.abs().clamp_min(1e-6))
+    assert rel.max().item() <= 2.0 ** -8
+
+
+def test_weight_error_is_cached_until_the_weight_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    qm = quantize_model(model, parse_config({"defaults": {"weight": {"bits": 4}}}, "w4.yaml"))
+    first = qm.site_report("0:weight")["error"]
+    assert qm.site_report("0:weight")["error"] == first and "0:weight" in qm._weight_error
+    cached = qm._weight_error["0:weight"]
+    qm.report()
+    assert qm._weight_error["0:weight"] is cached  # not recomputed
+    with torch.no_grad():
+        model[0].weight[0, 0] += 10.0  # an in-place update (an optimizer step)
+    qm.refresh_weights()
+    assert qm.site_report("0:weight")["error"] != first
+    qm.remove()
