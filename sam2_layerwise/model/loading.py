@@ -191,11 +191,14 @@ class LoadedModel:
 
 
 def build_model(config: str | None, checkpoint: str | None = None, *, random_init: bool = False,
-                device: str = "auto", seed: int = 0, overrides: dict | None = None) -> LoadedModel:
+                device: str = "auto", seed: int = 0, overrides: dict | None = None,
+                adapt_state=None) -> LoadedModel:
     """Build a SAM 2 model in eval mode.
 
     config: package config name or YAML path (may be None when `checkpoint` is an official model id).
     checkpoint: `.pt` path or official model id. random_init: run on seeded random weights (explicit only).
+    adapt_state(model, state) -> state: a chance to take entries that are not SAM 2 weights out of the state
+    dict (a QAT trainer's quantizer parameters) once the model is built, before the state is checked.
     """
     if checkpoint is None and not random_init:
         raise ModelError("no weights given: pass --checkpoint PATH_OR_MODEL_ID, or --random-init to run on "
@@ -225,6 +228,8 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
                          "set it to False", flag="--config", value=config)
     _check_image_size(model, "--image-size" if overrides and "model.image_size" in overrides else "--config")
     if state is not None:
+        if adapt_state is not None:
+            state = adapt_state(model, state)
         check_state_dict(model, state, "--checkpoint", str(checkpoint))
         model.load_state_dict(state)
     else:

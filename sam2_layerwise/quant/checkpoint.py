@@ -25,8 +25,6 @@ Checkpoints from QAT trainers that keep learned step sizes inside the state dict
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from pathlib import Path
 
@@ -39,7 +37,6 @@ from sam2_layerwise.quant.config import BITS_RANGE, FLAG, QuantConfig
 FORMAT = "sam2-layerwise/quant-checkpoint"
 VERSION = 1
 ENTRY = "quantization"
-log = logging.getLogger(__name__)
 
 
 def _whole(value) -> int | None:
@@ -207,17 +204,6 @@ def resolve_base_config(qcfg: QuantConfig) -> str | None:
     return str(beside) if not Path(base).exists() and beside.is_file() else base
 
 
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: QuantConfig, *, device: str = "auto",
                          seed: int = 0, random_init: bool = False, overrides: dict | None = None):
     """Build SAM 2 from config + checkpoint and install the quantizers the checkpoint's parameters describe.
@@ -225,7 +211,7 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
     Returns (LoadedModel, QuantizedModel). Raises naming --checkpoint when the checkpoint does not fit the config
     (missing learned scales, left-over quantizers, wrong bits) and --adaptive-qat-config for config mistakes.
     """
-    from sam2_layerwise.model.loading import LoadedModel, build_model, check_state_dict, resolve_checkpoint
+    from sam2_layerwise.model.loading import build_model, resolve_checkpoint
     from sam2_layerwise.quant.apply import QuantizedModel, build_quantizers, plan
 
     config = config or resolve_base_config(qcfg)
@@ -242,15 +228,16 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
             loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides)
             sites, floats = plan(loaded.model, qcfg)
             params = native or {}
-        else:
-            with _quiet("sam2_layerwise.model.loading"):  # no "RANDOM WEIGHTS" warning: real weights follow
-                built = build_model(config, random_init=True, device=device, seed=seed, overrides=overrides)
-            sites, floats = plan(built.model, qcfg)
-            params, state = state_dict_params(ckpt["model"], sites, qcfg)
-            check_state_dict(built.model, state, "--checkpoint", str(checkpoint))
-            built.model.load_state_dict(state)
-            loaded = LoadedModel(model=built.model, config_path=built.config_path, checkpoint_path=path,
-                                 device=built.device, random_init=False)
+        else:  # learned parameters inside the state dict (a QAT trainer's layout): split them out first
+            found: dict = {}
+
+            def split(model, state):
+                found["sites"], found["floats"] = plan(model, qcfg)
+                found["params"], rest = state_dict_params(state, found["sites"], qcfg)
+                return rest
+
+            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, adapt_state=split)
+            sites, floats, params = found["sites"], found["floats"], found["params"]
         source = str(checkpoint)
     check_params(sites, params, qcfg, source=source, flag="--checkpoint" if source else "--random-init")
     qm = QuantizedModel(loaded.model, qcfg, sites, floats, build_quantizers(loaded.model, sites, params))
