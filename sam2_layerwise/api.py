@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,17 @@ class ImageCapture:
     prompts: Prompts
     options: CaptureOptions
     locations: list[QueryLocation]
+    nonfinite: list[dict] = field(default_factory=list)
+
+    def nonfinite_report(self) -> dict:
+        """The summary's `nonfinite` section: where NaN/inf first appeared (module, tensor), in compute order.
+        Non-finite values are a finding, not a crash: an aggressive quantization produces exactly these."""
+        seen = list(self.nonfinite)
+        for what, arr in (("low_res_logits", self.prediction.low_res_logits),
+                          ("iou_predictions", self.prediction.iou_predictions)):
+            if not np.isfinite(arr).all():
+                seen.append({"module": "prediction", "call_index": 0, "tensor": what})
+        return {"found": bool(seen), "first": seen[0] if seen else None, "count": len(seen), "where": seen[:50]}
 
     def record(self, layer_key: str, call_index: int = 0) -> AttentionRecord:
         for r in self.attention:
@@ -72,4 +83,4 @@ def capture_image(model: nn.Module, image: np.ndarray, prompts: Prompts, options
         set_image(predictor, image)
         prediction = predict(predictor, prompts, multimask)
     return ImageCapture(attention=session.attention, blocks=session.blocks, prediction=prediction, frame=frame,
-                        prompts=prompts, options=options, locations=locations)
+                        prompts=prompts, options=options, locations=locations, nonfinite=session.nonfinite)

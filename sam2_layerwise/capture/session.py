@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +125,7 @@ class CaptureSession:
         self._decoder_grid: tuple[int, int] | None = None
         self._stats_cache: dict = {}
         self.selected_modules: list[str] = []
+        self.nonfinite: list[dict] = []  # where NaN/inf appeared, in the order the model computed it
 
     # -- install / remove -------------------------------------------------------------------------
     def _wanted(self, name: str, module: nn.Module | None = None) -> bool:
@@ -180,10 +182,14 @@ class CaptureSession:
         def post(mod, args, output):
             idx = self._calls.get(name, 0)
             self._calls[name] = idx + 1
+            outputs = [tensor_stats(t, self._stats_cache) for t in _flat_tensors(output)]
+            for n, st in enumerate(outputs):
+                if not all(math.isfinite(st[s]) for s in ("mean", "std", "min", "max")):
+                    self._note_nonfinite(name, idx, f"output[{n}]")
             self.blocks.append(BlockRecord(
                 name=name, layer_key=layer_key(name), module_type=type(mod).__name__, call_index=idx,
                 inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _flat_tensors(args)],
-                outputs=[tensor_stats(t, self._stats_cache) for t in _flat_tensors(output)],
+                outputs=outputs,
             ))
         return post
 
@@ -217,9 +223,22 @@ class CaptureSession:
                 self._observe(name, module, kind, view, out)
         return observe
 
+    def _note_nonfinite(self, name: str, call_index: int, tensor: str) -> None:
+        self.nonfinite.append({"module": name, "call_index": call_index, "tensor": tensor})
+
+    def _check_finite(self, name: str, call_index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Record which of `tensors` hold NaN/inf (one sync when all are finite, the common case)."""
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+        if bool(flags.all()):
+            return
+        for (what, _), ok in zip(tensors.items(), flags.tolist()):
+            if not ok:
+                self._note_nonfinite(name, call_index, what)
+
     # -- the record -------------------------------------------------------------------------------
     def _observe(self, name, module, kind, view, out):
         q, k, v = view.q, view.k, view.v  # [G, h, N, d]
+        self._check_finite(name, self._calls.get(name, 0), {"q": q, "k": k, "v": v, "attention output": out})
         G, h, nq, hd = q.shape
         nk = k.shape[-2]
         geometry, queries, valid = self._geometry_and_queries(name, kind, q.shape, k.shape)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from sam2_layerwise.cli.common import add_model_flags, setup_logging
-from sam2_layerwise.errors import InputError
 
 EXAMPLES = """examples:
   sam2-layerwise init-checkpoint --config configs/sam2.1/sam2.1_hiera_b+.yaml --output random_b+.pt --seed 1"""
@@ -18,14 +17,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from sam2_layerwise.model import build_model, save_checkpoint
+    from sam2_layerwise.store.layout import check_output_file
 
     setup_logging(args.quiet)
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError("is a directory", flag="--output", value=args.output)
+    out = check_output_file(args.output, "--output")
     loaded = build_model(args.config, random_init=True, seed=args.seed, device="cpu")
     save_checkpoint(loaded.model, out)
     logging.getLogger(__name__).info("wrote random-weight checkpoint (seed %d, %s) to %s", args.seed,

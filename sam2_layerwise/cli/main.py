@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import warnings
 
 from sam2_layerwise.cli.common import Parser
@@ -10,6 +13,29 @@ from sam2_layerwise.errors import LayerwiseError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, schedulers, containers) unwinds a run exactly like Ctrl-C: staging is removed and the
+    previous run directory stays as it was."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 EPILOG = """examples:
   sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_t.yaml --checkpoint sam2.1_hiera_tiny \\
@@ -58,16 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the summary
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from sam2_layerwise.store.layout import COMMITTED
+
+    COMMITTED.clear()
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except LayerwiseError as exc:
         if args.traceback:
             raise
         sys.stderr.write(f"sam2-layerwise {args.command}: error: {exc}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("sam2-layerwise: interrupted; nothing was written\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
+            "; nothing was changed"
+        sys.stderr.write(f"sam2-layerwise {args.command}: {what}{done}\n")
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a bug, not a user mistake
         if args.traceback:
             raise

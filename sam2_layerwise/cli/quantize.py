@@ -108,15 +108,12 @@ def run(args) -> int:
     from sam2_layerwise.quant import calibrate_model, save_quantized_checkpoint
     from sam2_layerwise.quant.calibrate import calibration_plan
     from sam2_layerwise.quant.checkpoint import resolve_base_config
+    from sam2_layerwise.store.layout import check_output_file
 
     setup_logging(args.quiet)
     qcfg = load_qat_flag(args)
-    out = Path(args.output).expanduser()
-    if out.is_dir():
-        raise InputError("is a directory; give a file name", flag="--output", value=args.output)
-    parent = out.absolute().parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{parent} is not a directory", flag="--output", value=args.output)
+    out = check_output_file(args.output, "--output")  # before calibration, not after it
+    parent = out.parent
     files = calibration_files(args.calib_images, args.max_calib_images)
     images = [load_image(f, flag="--calib-images") for f in files]
 

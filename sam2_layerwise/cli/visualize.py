@@ -125,14 +125,27 @@ def run(args) -> int:
                            **annotate_capture(cap, quant)},
             before_summary=lambda w: _timed(timing, "render", lambda: render_capture(w, cap, image, plan)),
         )
-    fid = summary["fidelity"]
-    log.info("captured %d attention calls and %d block outputs in %.1f s; worst fidelity error %.2e (%s)",
-             len(cap.attention), len(cap.blocks), t_capture, max(fid["max_module_abs_err"], fid["max_kernel_abs_err"]),
-             "ok" if fid["ok"] else "n/a outside fp32" if fid["ok"] is None else "ABOVE 1e-4")
-    log.info("wrote %d files to %s (summary: %s)", len(writer.written), out_dir, out_dir / "layerwise_summary.json")
-    if loaded.random_init:
-        log.warning("note: RANDOM WEIGHTS were used (--random-init)")
+    report_run(summary, cap, t_capture, writer, out_dir, loaded.random_init)
     return 0
+
+
+def report_run(summary: dict, cap, seconds: float, writer, out_dir, random_init: bool) -> None:
+    """The last words of a capture: fidelity, non-finite findings, what was written where. Reads only
+    plain values, so nothing here can fail once the run is in place."""
+    fid = summary["fidelity"]
+    worst = max(fid["max_module_abs_err"] or 0.0, fid["max_kernel_abs_err"] or 0.0)
+    verdict = ("ok" if fid["ok"] else "n/a outside fp32" if fid["ok"] is None else
+               "not checkable where values are non-finite" if fid.get("non_finite_checks") else "ABOVE 1e-4")
+    log.info("captured %d attention calls and %d block outputs in %.1f s; worst fidelity error %.2e (%s)",
+             len(cap.attention), len(cap.blocks), seconds, worst, verdict)
+    nf = summary.get("nonfinite") or {}
+    if nf.get("found"):
+        first = nf["first"]
+        log.warning("non-finite values (NaN/inf): first in %s (%s), %d places in all; recorded in the summary's "
+                     "'nonfinite' section", first["module"], first["tensor"], nf["count"])
+    log.info("wrote %d files to %s (summary: %s)", len(writer.written), out_dir, out_dir / "layerwise_summary.json")
+    if random_init:
+        log.warning("note: RANDOM WEIGHTS were used (--random-init)")
 
 
 def _timed(timing: dict, key: str, fn):

@@ -214,6 +214,8 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     cfg = load_config(config, overrides)
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else None
     state = read_state_dict(ckpt_path) if ckpt_path is not None else None
+    if state is not None:
+        warn_nonfinite(state, str(checkpoint))
 
     from hydra.utils import instantiate
 
@@ -238,6 +240,21 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     model = model.to(dev).eval()
     return LoadedModel(model=model, config_path=resolve_config(config), checkpoint_path=ckpt_path, device=dev,
                        random_init=state is None)
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold NaN or inf."""
+    return [k for k, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def warn_nonfinite(state: dict, checkpoint: str) -> None:
+    """A checkpoint with NaN/inf weights still runs (what it does is the finding); say so once, at load."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        log.warning("checkpoint %s holds non-finite values (NaN/inf) in %d tensors, first %s; running it anyway, "
+                    "the summary's 'nonfinite' section says where they first reach the computation",
+                    checkpoint, len(bad), bad[0])
 
 
 def _check_image_size(model, flag: str) -> None:

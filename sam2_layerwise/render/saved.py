@@ -130,7 +130,7 @@ def rerender_writer(run_dir: Path) -> RunWriter:
     """A RunWriter that owns only the pictures (`attn_images/`, `attn_overlays/`, `attn_topk/`) and the summary:
     the run's tensors and predictions stay; picture folders this pass did not draw are removed with the old
     summary, so no top-k link points at an old picture."""
-    return RunWriter(run_dir, owned=(layout.SUMMARY, *RENDER_DIRS))
+    return RunWriter(run_dir, owned=(layout.SUMMARY, *RENDER_DIRS), flag="--run-dir")
 
 
 def rerender(run: SavedRun, photo: np.ndarray | None, plan: RenderPlan, *, extra_points=()) -> dict:

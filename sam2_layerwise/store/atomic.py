@@ -1,4 +1,4 @@
-"""Atomic writes: every file appears whole or not at all."""
+"""Atomic writes: every file appears whole or not at all, with the permissions the user's umask gives."""
 
 from __future__ import annotations
 
@@ -11,10 +11,21 @@ from pathlib import Path
 import torch
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~UMASK
+
+
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600 files; a run's files follow the umask like any other
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

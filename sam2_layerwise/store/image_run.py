@@ -103,7 +103,8 @@ def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarr
         prediction={"file": layout.PREDICTIONS, "iou_predictions": pred.iou_predictions.tolist(), "best": pred.best,
                     "mask_area_fraction": [float(m.mean()) for m in pred.masks]},
         files=files, command=command, tool_version=__version__,
-        extra={"query_locations": [loc.__dict__ for loc in cap.locations], **(extra_summary or {})},
+        extra={"query_locations": [loc.__dict__ for loc in cap.locations], "nonfinite": cap.nonfinite_report(),
+               **(extra_summary or {})},
     )
     atomic_write_json(summary, writer.path(layout.SUMMARY))
     return summary

@@ -60,8 +60,12 @@ def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, p
                   extra: dict | None = None) -> dict:
     errs = [r.module_max_abs_err for r in attention if r.module_max_abs_err is not None]
     kerrs = [r.kernel_max_abs_err for r in attention]
+    unchecked = sum(not math.isfinite(e) for e in errs + kerrs)  # NaN/inf in the model: nothing to compare
+    errs = [e for e in errs if math.isfinite(e)]
+    kerrs = [e for e in kerrs if math.isfinite(e)]
     fp32 = all(r.kernel_dtype == "float32" for r in attention)
     worst = max(errs + kerrs, default=0.0)
+    ok = (worst <= FP32_TOLERANCE and not unchecked) if fp32 else None
     return _clean({
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -76,8 +80,8 @@ def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, p
         "output_options": output_options,
         "prediction": prediction,
         "fidelity": {"max_module_abs_err": max(errs, default=0.0), "max_kernel_abs_err": max(kerrs, default=0.0),
-                     "fp32": fp32, "tolerance": FP32_TOLERANCE if fp32 else None,
-                     "ok": (worst <= FP32_TOLERANCE) if fp32 else None},
+                     "fp32": fp32, "tolerance": FP32_TOLERANCE if fp32 else None, "ok": ok,
+                     "non_finite_checks": unchecked},
         "attention_count": len(attention),
         "attention": [attention_entry(r) for r in attention],
         "blocks": [block_entry(b) for b in blocks],

@@ -112,7 +112,7 @@ def test_a_failed_move_leaves_the_previous_run_whole(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     with layout.RunWriter(out) as w:
-        w.path(layout.SUMMARY).write_text('{"old": true}')
+        w.path(layout.SUMMARY).write_text('{"schema": "sam2-layerwise/summary", "old": true}')
         w.path(f"{layout.PREDICTION_IMAGES}/a.png").write_bytes(b"x")
     try:
         with layout.RunWriter(out) as w:
@@ -120,7 +120,7 @@ def test_a_failed_move_leaves_the_previous_run_whole(tmp_path, monkeypatch):
             raise RuntimeError("render failed")
     except RuntimeError:
         pass
-    assert (out / layout.SUMMARY).read_text() == '{"old": true}'
+    assert (out / layout.SUMMARY).read_text() == '{"schema": "sam2-layerwise/summary", "old": true}'
     assert (out / layout.PREDICTION_IMAGES / "a.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     with pytest.raises(ValueError, match="does not own"):
