@@ -78,6 +78,7 @@ class AttentionRecord:
     query_stats: name -> [G, heads, Nq] fp32 per-query statistics over all keys (see capture.attention).
     head_stats: name -> {mean, min, max} lists over heads, from real (non-padding) queries.
     qkv: q/k/v `[n_groups, heads, N, d]` of the groups holding selected queries, when asked for.
+    full_qkv: q/k/v `[G, heads, N, d]` of every group (CaptureOptions.keep_all_qkv), with `scale` and `tiled`.
     """
 
     name: str
@@ -102,6 +103,7 @@ class AttentionRecord:
     module_max_abs_err: float | None = None
     module_output: dict | None = None
     qkv: dict | None = None
+    full_qkv: dict | None = None
     quant: dict | None = None
     key_pooling: dict | None = None
     files: dict = field(default_factory=dict)

@@ -31,6 +31,7 @@ class CaptureOptions:
     stats_topk: k of the per-query top-k mass statistic (0 disables it).
     all_query_stats: per-head statistics over every query (chunked); off = selected queries only.
     keep_qkv: keep q/k/v of the windows/groups that hold selected queries.
+    keep_all_qkv: keep q/k/v of every group (compare's full mode: any row can be recomputed later).
     layers: fnmatch patterns over layer keys; only matching modules are captured (None = all).
     chunk_elements: scores per tile of the chunked statistics.
     """
@@ -41,6 +42,7 @@ class CaptureOptions:
     keep_qkv: bool = False
     layers: tuple[str, ...] | None = None
     chunk_elements: int = 1 << 20
+    keep_all_qkv: bool = False
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -273,6 +275,11 @@ class CaptureSession:
             qkv = {"groups": groups, "q": q[gi].detach().cpu().clone(), "k": k[gi].detach().cpu().clone(),
                    "v": v[gi].detach().cpu().clone(), "scale": view.scale}
 
+        full_qkv = None
+        if self.options.keep_all_qkv:
+            full_qkv = {"q": q.detach().cpu().clone(), "k": k.detach().cpu().clone(), "v": v.detach().cpu().clone(),
+                        "scale": view.scale, "tiled": bool(view.tiled)}
+
         idx = self._calls.get(name, 0)
         self._calls[name] = idx + 1
         # A Hiera attention belongs to its block's layer key (image_encoder_trunk_blocks_N), as SPEC.md names layers.
@@ -284,6 +291,7 @@ class CaptureSession:
             geometry=geometry, queries=queries, probs=probs.cpu(),
             query_stats={s: t.cpu() for s, t in query_stats.items()} if query_stats else None,
             head_stats=head_stats, selected_stats=selected, kernel_max_abs_err=kernel_err, qkv=qkv,
+            full_qkv=full_qkv,
         )
         self.attention.append(record)
         self._pending[name] = _Pending(record, picks, rows_out)

@@ -46,13 +46,17 @@ run 'sam2-layerwise COMMAND --help' for a command's flags."""
 
 def _commands():
     """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
-    from sam2_layerwise.cli import init_checkpoint, quantize, render, visualize, visualize_quantized
+    from sam2_layerwise.cli import compare, generate, init_checkpoint, quantize, render, visualize, visualize_quantized
 
     return {
         "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
         "render": (render, "draw a saved run again without the model: colormap, overlays, more queries, top-k"),
         "visualize-quantized": (visualize_quantized, "visualize with a required --adaptive-qat-config (the seed's "
                                                      "visualize_layerwise_quantized.py)"),
+        "compare": (compare, "capture a float SAM 2 and its quantized twin on one image: one run directory "
+                             "with both (the seed's compare_quantization.py)"),
+        "generate": (generate, "per layer and head metrics of a compare run (JS, entropy, top-k, q/k/v error), "
+                               "output impact, tables and plots"),
         "quantize": (quantize, "calibrate a quantized checkpoint from a float one on a few images (post-training)"),
         "init-checkpoint": (init_checkpoint, "write a randomly initialised checkpoint in SAM 2's format (tests, benchmarks)"),
     }

@@ -203,6 +203,37 @@ class FakeQuantizer:
                      zero_point=self.zero_point.detach().float().cpu().clone(), qmin=qmin, qmax=qmax)
         return d
 
+    def to_payload(self) -> dict:
+        """Everything needed to apply this quantizer again without the model (saved with compare's full mode)."""
+        return {"qid": self.qid, "spec": self.spec.to_dict(), "axis": self.axis,
+                "scale": None if self.scale is None else self.scale.detach().float().cpu().clone(),
+                "zero_point": None if self.zero_point is None else self.zero_point.detach().float().cpu().clone()}
+
+    @classmethod
+    def from_payload(cls, d) -> "FakeQuantizer":
+        """The quantizer `to_payload` saved; `d` is untrusted (read from a run directory): ValueError if malformed."""
+        if not isinstance(d, dict) or not isinstance(d.get("spec"), dict):
+            raise ValueError("not a quantizer entry")
+        fields = set(QuantSpec.__dataclass_fields__)
+        spec_d = d["spec"]
+        if not set(spec_d) <= fields or spec_d.get("kind") not in QUANTIZER_KINDS:
+            raise ValueError(f"unknown quantizer kind or fields: {sorted(spec_d)[:6]}")
+        bits = spec_d.get("bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
+            raise ValueError(f"bits {bits!r} out of range")
+        axis = d.get("axis")
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
+            raise ValueError("axis is not an integer")
+        tensors = {}
+        for name in ("scale", "zero_point"):
+            t = d.get(name)
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() > 1 << 20):
+                raise ValueError(f"{name} is not a small float tensor")
+            tensors[name] = t
+        if QUANTIZER_KINDS[spec_d["kind"]].needs_params and tensors["scale"] is None:
+            raise ValueError("a uniform quantizer without a scale")
+        return cls(qid=str(d.get("qid", "")), spec=QuantSpec(**spec_d), axis=axis, **tensors)
+
     def describe(self) -> dict:
         """Bits, kind, granularity and scale statistics (for the run summary)."""
         d = {"kind": self.spec.kind, "bits": self.bits, "granularity": self.spec.granularity,

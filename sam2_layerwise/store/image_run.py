@@ -28,6 +28,7 @@ class OutputOptions:
     save_qkv: bool = False
     max_tokens: int = 4096
     prediction_images: bool = True
+    save_full: str | None = None  # "float32" / "float16": q/k/v of every group (`__full.pt`, compare's full mode)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -60,6 +61,18 @@ def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, o
         payloads["qkv"] = {**record.qkv, "queries": [q.to_dict() for q in record.queries],
                            "layer_key": record.layer_key, "geometry": record.geometry,
                            "note": "q/k/v exactly as the attention kernel used them, [groups, heads, tokens, head_dim]"}
+    if opts.save_full and record.full_qkv is not None:
+        dtype = getattr(torch, opts.save_full)
+        full = record.full_qkv
+        payloads["full"] = {
+            **{t: full[t].to(dtype) for t in ("q", "k", "v")},  # [G, heads, N, d], every group
+            "scale": full["scale"], "tiled": full["tiled"], "dtype": opts.save_full,
+            "kernel_dtype": str(full["q"].dtype).replace("torch.", ""),
+            "probs_quantizer": full.get("probs_quantizer"),
+            "layer_key": record.layer_key, "geometry": record.geometry,
+            "note": "q/k/v of every group exactly as the kernel used them (float16: rounded, inexact); any query "
+                    "row is recomputed by capture.attention.attention_rows with probs_quantizer as transform",
+        }
     for what, payload in payloads.items():
         rel = f"{layer_dir}/{stem}__{what}.pt"
         atomic_torch_save(payload, writer.path(rel))

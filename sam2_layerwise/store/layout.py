@@ -55,7 +55,8 @@ class RunKind:
 
 
 IMAGE_RUN = RunKind(SUMMARY, "sam2-layerwise/summary", "sam2-layerwise visualize")
-KINDS: dict[str, RunKind] = {"image": IMAGE_RUN}  # compare adds its own (store.compare_run)
+COMPARE_RUN = RunKind("manifest.json", "sam2-layerwise/compare", "sam2-layerwise compare")  # store.compare_run
+KINDS: dict[str, RunKind] = {"image": IMAGE_RUN, "compare": COMPARE_RUN}
 
 COMMITTED: list[Path] = []  # run directories replaced by this process, in order (the CLI's last words use it)
 

@@ -1,0 +1,135 @@
+"""A compare run directory: `original/` and `quantized/` (each a run in `visualize`'s layout) and `manifest.json`.
+
+Documented in docs/compare.md. Reading one back treats every file as untrusted: the manifest's structure and
+version are checked, the halves must be whole runs of the same image and prompts, and every tensor path must
+stay inside the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sam2_layerwise.errors import InputError
+from sam2_layerwise.store import layout
+
+COMPARE_RUN = layout.COMPARE_RUN
+MANIFEST = COMPARE_RUN.marker
+SCHEMA = COMPARE_RUN.schema
+SCHEMA_VERSION = 1
+HALVES = ("original", "quantized")
+ANALYSIS = "analysis"
+MODES = {"light": "--save-raw", "full": "--save-full-attn"}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class CompareRun:
+    """A compare run read back and checked: the manifest and both halves' summaries."""
+
+    run_dir: Path
+    manifest: dict
+    summaries: dict[str, dict]  # "original" / "quantized" -> layerwise_summary.json
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    def path(self, half: str, rel: str, flag: str = "--run_dir") -> Path:
+        """A file a half's summary names, checked to resolve inside the run directory and to exist."""
+        return inside(self.run_dir, f"{half}/{rel}", flag)
+
+
+def inside(run_dir: Path, rel, flag: str) -> Path:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        raise InputError(f"names a file outside the run ({rel!r})", flag=flag, value=str(run_dir))
+    root = run_dir.resolve()
+    p = (run_dir / rel).resolve()
+    if not p.is_relative_to(root):
+        raise InputError(f"names a file outside the run ({rel})", flag=flag, value=str(run_dir))
+    if not p.is_file():
+        raise InputError(f"is truncated: {rel} is missing", flag=flag, value=str(run_dir))
+    return p
+
+
+def _read_json(path: Path, what: str, flag: str, run_dir: Path, limit: int = 512 << 20) -> dict:
+    try:
+        if path.stat().st_size > limit:
+            raise InputError(f"{what} is larger than {limit >> 20} MiB", flag=flag, value=str(run_dir))
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InputError(f"is not a whole compare run: {what} is missing", flag=flag, value=str(run_dir)) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} cannot be read ({type(exc).__name__}); the run is damaged", flag=flag,
+                         value=str(run_dir)) from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} is not a JSON object", flag=flag, value=str(run_dir))
+    return data
+
+
+def _need(d: dict, key: str, typ, what: str, flag: str, run_dir: Path):
+    v = d.get(key)
+    if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
+        raise InputError(f"{what} lacks a valid '{key}'", flag=flag, value=str(run_dir))
+    return v
+
+
+def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun:
+    """Read and check a compare run: manifest schema and version, both halves present, same image and prompts."""
+    from sam2_layerwise.store.summary import SCHEMA as SUMMARY_SCHEMA
+
+    p = Path(str(run_dir)).expanduser()
+    if not str(run_dir).strip():
+        raise InputError("is empty", flag=flag, value=repr(str(run_dir)))
+    if not p.is_dir():
+        raise InputError("is not a directory", flag=flag, value=str(run_dir))
+    if not (p / MANIFEST).is_file():
+        hint = " (it is a single-model run from 'visualize')" if (p / layout.SUMMARY).is_file() else ""
+        raise InputError(f"is not a compare run: no {MANIFEST}{hint}; make one with 'sam2-layerwise compare'",
+                         flag=flag, value=str(run_dir))
+    m = _read_json(p / MANIFEST, MANIFEST, flag, p, limit=64 << 20)
+    if m.get("schema") != SCHEMA:
+        raise InputError(f"{MANIFEST} is not a sam2-layerwise compare manifest", flag=flag, value=str(run_dir))
+    version = m.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{MANIFEST} has no valid schema_version", flag=flag, value=str(run_dir))
+    if version > SCHEMA_VERSION:
+        raise InputError(f"{MANIFEST} is schema version {version}, newer than this tool reads ({SCHEMA_VERSION}); "
+                         f"upgrade sam2-layerwise", flag=flag, value=str(run_dir))
+    mode = m.get("mode")
+    if mode not in MODES:
+        raise InputError(f"{MANIFEST} has an unknown mode {mode!r}", flag=flag, value=str(run_dir))
+    _need(m, "image", dict, MANIFEST, flag, p)
+    _need(m, "prompts", dict, MANIFEST, flag, p)
+    summaries = {}
+    for half in HALVES:
+        s = _read_json(p / half / layout.SUMMARY, f"{half}/{layout.SUMMARY}", flag, p)
+        if s.get("schema") != SUMMARY_SCHEMA:
+            raise InputError(f"{half}/{layout.SUMMARY} is not a sam2-layerwise summary", flag=flag, value=str(run_dir))
+        att = _need(s, "attention", list, f"{half}/{layout.SUMMARY}", flag, p)
+        for entry in att:
+            if not isinstance(entry, dict) or not isinstance(entry.get("layer_key"), str) \
+                    or not isinstance(entry.get("heads"), int) or not isinstance(entry.get("files"), dict) \
+                    or not isinstance(entry.get("queries"), list):
+                raise InputError(f"{half}/{layout.SUMMARY} has a malformed attention entry", flag=flag,
+                                 value=str(run_dir))
+        for key in ("frame", "prompts", "image", "prediction"):
+            _need(s, key, dict, f"{half}/{layout.SUMMARY}", flag, p)
+        summaries[half] = s
+    a, b = summaries["original"], summaries["quantized"]
+    if a["image"].get("sha256") != b["image"].get("sha256") or a["frame"] != b["frame"]:
+        raise InputError("its two halves were captured on different images", flag=flag, value=str(run_dir))
+    if a["prompts"] != b["prompts"] or a.get("query_locations") != b.get("query_locations"):
+        raise InputError("its two halves were captured with different prompts", flag=flag, value=str(run_dir))
+    if a["image"].get("sha256") != m["image"].get("sha256") or a["prompts"] != m["prompts"]:
+        raise InputError(f"its halves do not match {MANIFEST} (image or prompts)", flag=flag, value=str(run_dir))
+    return CompareRun(run_dir=p, manifest=m, summaries=summaries)
