@@ -323,16 +323,7 @@ class CaptureSession:
                     source_cells=list(geo.query_source_cells(grp, idx)) if geo.q_stride > 1 else None))
                 if len(queries) == limit:
                     break
-            rows = torch.arange(G).view(G, 1)
-            idx = torch.arange(nq).view(1, nq)
-            if geo.window:
-                nwy, nwx = geo.windows_hw
-                w = rows % (nwy * nwx)
-                qr = (w // nwx) * geo.q_window + idx // geo.q_window
-                qc = (w % nwx) * geo.q_window + idx % geo.q_window
-                valid = (qr < oh) & (qc < ow)
-            else:
-                valid = None
+            valid = geo.valid_queries()
             geometry = {**geo.to_dict(), "keys": "grid", "frame": frame.to_dict()}
             return geometry, queries, valid
 

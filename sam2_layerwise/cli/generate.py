@@ -1,9 +1,77 @@
-"""`sam2-layerwise generate` (placeholder until the analysis lands)."""
+"""`sam2-layerwise generate`: the seed's `python -m visualization.interactive_viz.generate`. Metrics of a compare
+run per layer and head, the output impact, tables, a ranking and plots, written inside the run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sam2_layerwise.cli.common import positive_int, setup_logging
+from sam2_layerwise.errors import InputError
+
+log = logging.getLogger("sam2_layerwise")
+
+EXAMPLES = """examples:
+  # the seed's command: every Hiera block of b+ (24 blocks), every head
+  sam2-layerwise generate --run_dir sam2_logs/interactive_viz/run_latest --layers "image_encoder_trunk_blocks_0:23" --heads all
+  # the decoder only, heads 0 to 3, top-10 metrics, into analysis_decoder/
+  sam2-layerwise generate --run-dir RUN --layers 'sam_mask_decoder*' --heads 0:3 --topk 10 --output analysis_decoder"""
+
+RESERVED = ("original", "quantized", "manifest.json")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--run_dir", "--run-dir", dest="run_dir", required=True)
+    p.add_argument("--run_dir", "--run-dir", dest="run_dir", required=True, help="a run directory written by compare")
+    p.add_argument("--layers", default=None, help="layer keys, globs, comma lists, inclusive ranges "
+                                                  "(image_encoder_trunk_blocks_0:23); default all captured")
+    p.add_argument("--heads", default="all", help="all (default), a list 0,3,5 or an inclusive range 0:3")
+    p.add_argument("--topk", type=positive_int, default=None, metavar="K",
+                   help="k of the top-k metrics (default: the capture's --stats-topk)")
+    p.add_argument("--rank", type=positive_int, default=20, metavar="N", help="rows of the ranked list (default 20)")
+    p.add_argument("--output", default="analysis", metavar="NAME",
+                   help="folder inside the run directory for the analysis (default %(default)s)")
+
+
+def check_output_name(name: str) -> str:
+    from sam2_layerwise.store.layout import safe_name
+
+    clean = name.strip().rstrip("/")
+    if not clean or safe_name(clean) != clean or clean in RESERVED:
+        raise InputError("must be one plain folder name inside the run ([A-Za-z0-9._-], not original/quantized)",
+                         flag="--output", value=name)
+    return clean
 
 
 def run(args) -> int:
-    raise NotImplementedError
+    from tqdm import tqdm
+
+    from sam2_layerwise.analysis.generate import GenerateOptions, analyse, write_analysis
+    from sam2_layerwise.store.compare_run import COMPARE_RUN, open_compare_run
+    from sam2_layerwise.store.layout import RunWriter
+
+    setup_logging(args.quiet)
+    opts = GenerateOptions(layers=args.layers, heads=args.heads, topk=args.topk, rank=args.rank,
+                           output=check_output_name(args.output))
+    run_ = open_compare_run(args.run_dir)
+    writer = RunWriter(run_.run_dir, owned=(opts.output,), kind=COMPARE_RUN, flag="--run_dir")
+    t0 = time.perf_counter()
+    with tqdm(desc=f"measuring ({run_.mode} mode)", unit="layer", disable=True if args.quiet else None) as bar:
+        result = analyse(run_, opts, on_layer=lambda pair: bar.update(1))
+    with writer:
+        metrics = write_analysis(run_, result, opts, writer, ["sam2-layerwise", *getattr(args, "argv", [])])
+    files = metrics["files"]
+    imp = metrics["output_impact"]
+    log.info("measured %d layers x heads (%s) in %.1f s; wrote %s/ in %s: metrics.json, metrics_heads.csv, "
+             "metrics_queries.csv, ranking.txt, %d plots", len(metrics["heads"]), result["heads"][0]["scope"],
+             time.perf_counter() - t0, opts.output, run_.run_dir, len(files["plots"]))
+    log.info("output impact: mask IoU FP vs Q %s; chosen mask %s -> %s%s", [m["iou"] for m in imp["masks"]],
+             imp["chosen"]["fp"], imp["chosen"]["q"], " (changed)" if imp["chosen"]["changed"] else "")
+    log.info("most changed heads (mean JS):")
+    for r in metrics["ranking"][:5]:
+        log.info("  %d. %s head %d  JS %s  q/k/v err %s/%s/%s", r["rank"], r["layer_key"], r["head"],
+                 _fmt(r["js_mean"]), _fmt(r["q_rel_err"]), _fmt(r["k_rel_err"]), _fmt(r["v_rel_err"]))
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"

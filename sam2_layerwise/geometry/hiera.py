@@ -116,6 +116,34 @@ class HieraLayerGeometry:
         wy, wx = self._window_of(group)
         return wy * self.window, (wy + 1) * self.window, wx * self.window, (wx + 1) * self.window
 
+    def valid_queries(self):
+        """Bool [groups, queries_per_group]: True where a query is a real token, False on window padding
+        (None for global attention, which has no padding)."""
+        import torch
+
+        if not self.window:
+            return None
+        oh, ow = self.out_hw
+        nwy, nwx = self.windows_hw
+        qw = self.q_window
+        w = torch.arange(self.groups).view(-1, 1) % (nwy * nwx)  # window index inside its image
+        idx = torch.arange(self.queries_per_group).view(1, -1)
+        qr = (w // nwx) * qw + idx // qw  # query grid row, col
+        qc = (w % nwx) * qw + idx % qw
+        return (qr < oh) & (qc < ow)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HieraLayerGeometry":
+        """The geometry `to_dict` wrote (a run summary's `geometry`); ValueError if malformed."""
+        try:
+            (in_h, in_w), batch, window, q_stride = d["key_grid_hw"], d["batch"], d["window"], d["q_stride"]
+            vals = [int(v) for v in (batch, in_h, in_w, window, q_stride)]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("not a Hiera geometry") from None
+        if min(vals) < 0 or min(vals[:3]) < 1 or vals[4] < 1 or max(vals) > 1 << 16:
+            raise ValueError(f"Hiera geometry out of range: {vals}")
+        return cls(*vals)
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,

@@ -1,0 +1,443 @@
+"""What quantization changed, layer by layer and head by head: metrics of a compare run (docs/compare.md).
+
+Reads a compare run (never the model). Light mode measures the selected query rows both captures saved; full
+mode recomputes every query row of every selected layer from the saved q/k/v, tile by tile, through the
+capture's own `attention_tile` (never more than one tile of the two maps in memory). Both modes report the
+per-query statistics over every query the capture computed (entropy, top-k mass), q/k/v and attention-output
+errors, and the effect on the masks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from sam2_layerwise.capture.attention import attention_tile, row_tiles
+from sam2_layerwise.errors import InputError
+from sam2_layerwise.geometry.hiera import HieraLayerGeometry
+from sam2_layerwise.metrics import PAIR_METRICS, output_impact, pair_metrics, relative_error_from_parts, sq_err_parts
+from sam2_layerwise.metrics import summarise
+from sam2_layerwise.store.compare_run import CompareRun
+
+FLAG = "--run_dir"
+ALL_QUERY_STATS = ("entropy_norm", "topk_mass", "max_prob")
+ERRORS = ("q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
+_SHORT_KIND = {"hiera_windowed": "win", "hiera_global": "global", "hiera_qpool": "q-pool",
+               "decoder_self": "self", "decoder_token_to_image": "tok→img", "decoder_image_to_token": "img→tok",
+               "memory_self": "mem self", "memory_cross": "mem cross"}
+
+
+@dataclass
+class LayerPair:
+    order: int
+    layer_key: str
+    call_index: int
+    name: str
+    kind: str
+    heads: int
+    fp: dict  # the original half's summary entry
+    q: dict  # the quantized half's
+
+    @property
+    def label(self) -> str:
+        """A readable name for plots: `trunk.blocks.12 (global)`, `decoder.layers.0.cross_attn_token_to_image`."""
+        name = re.sub(r"\.attn$", "", self.name)
+        name = name.replace("image_encoder.", "").replace("sam_mask_decoder.transformer.", "decoder.")
+        call = f" #{self.call_index}" if self.call_index else ""
+        return f"{name}{call} ({_SHORT_KIND.get(self.kind, self.kind)})"
+
+
+@dataclass
+class LayerResult:
+    pair: LayerPair
+    heads: list[int]
+    scope: str  # "selected queries" / "all queries"
+    per_query: dict[str, torch.Tensor]  # metric -> [n_queries, heads] (all heads)
+    query_labels: list[str] | None  # labels of the selected queries (light), None for every query (full)
+    errors: dict[str, torch.Tensor]  # q/k/v/out relative error -> [heads]
+    all_queries: dict[str, torch.Tensor] = field(default_factory=dict)  # "<stat>_fp/_q/_delta" -> [heads]
+
+
+# -- selection -----------------------------------------------------------------------------------------------
+def layer_pairs(run: CompareRun) -> list[LayerPair]:
+    """Attention calls present in both halves, in model order; the halves must hold the same calls."""
+    def key(e):
+        return e["layer_key"], int(e.get("call_index") or 0)
+
+    fp = {key(e): e for e in run.summaries["original"]["attention"]}
+    q = {key(e): e for e in run.summaries["quantized"]["attention"]}
+    if set(fp) != set(q):
+        only = sorted(set(fp) ^ set(q))[:3]
+        raise InputError(f"its halves captured different layers (e.g. {', '.join(k for k, _ in only)})",
+                         flag=FLAG, value=str(run.run_dir))
+    out = []
+    for i, (k, e) in enumerate(fp.items()):
+        if e["heads"] != q[k]["heads"] or e.get("kind") != q[k].get("kind"):
+            raise InputError(f"its halves disagree on layer {k[0]} (heads or kind)", flag=FLAG, value=str(run.run_dir))
+        out.append(LayerPair(order=i, layer_key=k[0], call_index=k[1], name=str(e.get("name", k[0])),
+                             kind=str(e.get("kind", "")), heads=int(e["heads"]), fp=e, q=q[k]))
+    return out
+
+
+def select_pairs(pairs: list[LayerPair], spec: str | None) -> list[LayerPair]:
+    from sam2_layerwise import layers as layer_sel
+
+    keys = list(dict.fromkeys(p.layer_key for p in pairs))
+    chosen = set(layer_sel.select(keys, spec, flag="--layers"))
+    return [p for p in pairs if p.layer_key in chosen]
+
+
+_HEADS = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+def parse_heads(spec: str | None, max_heads: int) -> list[int] | None:
+    """`all` -> None (every head); `0,3,5`; `0:3` (inclusive, like layer ranges: 0, 1, 2, 3)."""
+    if spec is None or spec.strip().lower() in ("all", "*", ""):
+        return None
+    heads: list[int] = []
+    for part in spec.split(","):
+        m = _HEADS.match(part)
+        if not m:
+            raise InputError("expects all, a list (0,3,5) or an inclusive range (0:3)", flag="--heads", value=spec)
+        a, b = int(m[1]), int(m[2]) if m[2] is not None else int(m[1])
+        if b < a:
+            raise InputError(f"range {a}:{b} runs backwards", flag="--heads", value=spec)
+        if b >= max_heads:
+            raise InputError(f"head {b} is out of range: the selected layers have at most {max_heads} heads "
+                             f"(0-{max_heads - 1})", flag="--heads", value=spec)
+        heads += [h for h in range(a, b + 1) if h not in heads]
+    return heads
+
+
+# -- reading tensors (untrusted) ------------------------------------------------------------------------------
+def _load(run: CompareRun, half: str, entry: dict, what: str, needs: tuple[str, ...]) -> dict:
+    from sam2_layerwise.store.atomic import safe_load
+
+    rel = (entry.get("files") or {}).get(what)
+    if rel is None:
+        raise InputError(f"is truncated: {half} has no '{what}' tensors for {entry['layer_key']}", flag=FLAG,
+                         value=str(run.run_dir))
+    path = run.path(half, rel, FLAG)
+    try:
+        data = safe_load(path)
+    except Exception as exc:  # a damaged or foreign file: say which
+        raise InputError(f"{half}/{rel} cannot be loaded ({type(exc).__name__}); the run is damaged", flag=FLAG,
+                         value=str(run.run_dir)) from None
+    if not isinstance(data, dict) or any(not isinstance(data.get(n), torch.Tensor) for n in needs):
+        raise InputError(f"{half}/{rel} does not hold {', '.join(needs)} tensors", flag=FLAG, value=str(run.run_dir))
+    return data
+
+
+def _same_shape(run, pair, what, a: torch.Tensor, b: torch.Tensor):
+    if a.shape != b.shape:
+        raise InputError(f"{pair.layer_key}: the halves' {what} differ in shape ({list(a.shape)} vs "
+                         f"{list(b.shape)})", flag=FLAG, value=str(run.run_dir))
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+# -- one layer -----------------------------------------------------------------------------------------------
+def _valid(pair: LayerPair, G: int, nq: int) -> torch.Tensor | None:
+    """[G, Nq] bool of real (non-padding) queries of a windowed Hiera call."""
+    if not pair.kind.startswith("hiera"):
+        return None
+    try:
+        geo = HieraLayerGeometry.from_dict(pair.fp.get("geometry") or {})
+    except ValueError:
+        return None
+    valid = geo.valid_queries()
+    return valid if valid is not None and tuple(valid.shape) == (G, nq) else None
+
+
+def _error_parts(fp: dict, q: dict, names=("q", "k", "v")) -> dict[str, tuple]:
+    return {f"{n}_rel_err": sq_err_parts(_float(fp[n]), _float(q[n]), (0, 2, 3)) for n in names}
+
+
+def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dict[str, torch.Tensor]:
+    """Per head, over every query the capture computed statistics for: FP, Q and the mean paired change."""
+    out = {}
+    fs, qs = fa.get("query_stats"), qa.get("query_stats")
+    if not isinstance(fs, dict) or not isinstance(qs, dict):
+        return out
+    for stat in ALL_QUERY_STATS:
+        a, b = fs.get(stat), qs.get(stat)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dim() != 3:
+            continue
+        g, h, nq = a.shape  # [G, heads, Nq]
+        valid = _valid(pair, g, nq)
+        a, b = a.permute(1, 0, 2).reshape(h, -1), b.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
+        if valid is not None:
+            a, b = a[:, valid.reshape(-1)], b[:, valid.reshape(-1)]
+        out[f"{stat}_fp"], out[f"{stat}_q"], out[f"{stat}_delta"] = a.mean(1), b.mean(1), (b - a).mean(1)
+    return out
+
+
+def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
+    fa = _load(run, "original", pair.fp, "attn", ("probs",))
+    qa = _load(run, "quantized", pair.q, "attn", ("probs",))
+    p, q = _float(fa["probs"]), _float(qa["probs"])  # [n, heads, Nk]
+    _same_shape(run, pair, "attention rows", p, q)
+    if p.dim() != 3 or p.shape[1] != pair.heads:
+        raise InputError(f"{pair.layer_key}: attention rows of shape {list(p.shape)} do not fit {pair.heads} heads",
+                         flag=FLAG, value=str(run.run_dir))
+    labels = [str(d.get("label")) for d in pair.fp["queries"] if isinstance(d, dict)]
+    per_query = {name: v for name, v in pair_metrics(p, q, k).items()}  # [n, heads]
+    errors = {}
+    fq = _load(run, "original", pair.fp, "qkv", ("q", "k", "v")) if (pair.fp.get("files") or {}).get("qkv") else None
+    qq = _load(run, "quantized", pair.q, "qkv", ("q", "k", "v")) if (pair.q.get("files") or {}).get("qkv") else None
+    if fq is not None and qq is not None:
+        for n in "qkv":
+            _same_shape(run, pair, n, fq[n], qq[n])
+        parts = _error_parts(fq, qq)
+        groups = [int(g) for g in fq.get("groups", [])]
+        gidx = [groups.index(int(d["group"])) for d in pair.fp["queries"] if int(d.get("group", -1)) in groups]
+        if len(gidx) == p.shape[0] and p.shape[-1] == fq["v"].shape[-2]:
+            # the attention output of each selected row: probs [n, h, Nk] @ v of its group [n, h, Nk, d_v]
+            of = torch.einsum("nhk,nhkd->nhd", p, _float(fq["v"])[gidx])
+            oq = torch.einsum("nhk,nhkd->nhd", q, _float(qq["v"])[gidx])
+            parts["out_rel_err"] = sq_err_parts(of, oq, (0, 2))
+        errors = {n: relative_error_from_parts(*v) for n, v in parts.items()}
+    return LayerResult(pair=pair, heads=list(range(pair.heads)), scope="selected queries", per_query=per_query,
+                       query_labels=labels, errors=errors, all_queries=_all_query_stats(run, pair, fa, qa))
+
+
+def probs_transform(full: dict, run, pair):
+    """The quantized kernel's probability quantizer saved with its q/k/v (None: float softmax)."""
+    from sam2_layerwise.quant.quantizers import FakeQuantizer
+
+    payload = full.get("probs_quantizer")
+    if payload is None:
+        return None
+    try:
+        return FakeQuantizer.from_payload(payload).quiet
+    except ValueError as exc:
+        raise InputError(f"{pair.layer_key}: the saved probability quantizer is malformed ({exc})", flag=FLAG,
+                         value=str(run.run_dir)) from None
+
+
+def measure_full(run: CompareRun, pair: LayerPair, k: int, tile_elements: int = 1 << 20) -> LayerResult:
+    """Every query row of the layer, recomputed from both halves' q/k/v tile by tile."""
+    ff = _load(run, "original", pair.fp, "full", ("q", "k", "v"))
+    qf = _load(run, "quantized", pair.q, "full", ("q", "k", "v"))
+    for n in "qkv":
+        _same_shape(run, pair, n, ff[n], qf[n])
+    G, h, nq, _ = ff["q"].shape  # [G, heads, Nq, d]
+    nk = ff["k"].shape[-2]
+    scale_f, scale_q = float(ff.get("scale", 0)), float(qf.get("scale", 0))
+    if not (math.isfinite(scale_f) and math.isfinite(scale_q) and scale_f > 0 and scale_q > 0):
+        raise InputError(f"{pair.layer_key}: the saved attention scale is not a positive number", flag=FLAG,
+                         value=str(run.run_dir))
+    transform = probs_transform(qf, run, pair)
+    valid = _valid(pair, G, nq)
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in PAIR_METRICS}
+    out_parts = [torch.zeros(h, dtype=torch.float64), torch.zeros(h, dtype=torch.float64)]
+    for tile in row_tiles(G, h, nq, nk, tile_elements):
+        g0, g1, r0, r1 = tile
+        p, of = attention_tile(ff["q"], ff["k"], ff["v"], scale_f, None, tile)  # [g, h, r, Nk], [g, h, r, d_v]
+        q, oq = attention_tile(qf["q"], qf["k"], qf["v"], scale_q, transform, tile)
+        m = pair_metrics(p, q, k)  # name -> [g, h, r]
+        keep = valid[g0:g1, r0:r1].reshape(-1) if valid is not None else None
+        for name, v in m.items():
+            rows = v.permute(0, 2, 1).reshape(-1, h)  # [g*r, h]
+            values[name].append(rows[keep] if keep is not None else rows)
+        if keep is not None:
+            sel = valid[g0:g1, r0:r1].unsqueeze(1).unsqueeze(-1)  # [g, 1, r, 1]
+            of, oq = of * sel, oq * sel  # padding rows add nothing
+        e, r = sq_err_parts(of, oq, (0, 2, 3))
+        out_parts[0] += e
+        out_parts[1] += r
+        del p, q, of, oq, m
+    per_query = {name: torch.cat(v) for name, v in values.items()}
+    errors = {n: relative_error_from_parts(*v) for n, v in _error_parts(ff, qf).items()}
+    errors["out_rel_err"] = relative_error_from_parts(*out_parts)
+    fa = _load(run, "original", pair.fp, "attn", ())
+    qa = _load(run, "quantized", pair.q, "attn", ())
+    return LayerResult(pair=pair, heads=list(range(h)), scope="all queries", per_query=per_query, query_labels=None,
+                       errors=errors, all_queries=_all_query_stats(run, pair, fa, qa))
+
+
+# -- tables --------------------------------------------------------------------------------------------------
+def head_rows(res: LayerResult, heads: list[int] | None) -> list[dict]:
+    p = res.pair
+    chosen = [h for h in (heads if heads is not None else res.heads) if h < p.heads]
+    js = summarise(res.per_query["js"], 0)
+    means = {name: summarise(v, 0)["mean"] for name, v in res.per_query.items() if name != "js"}
+    rows = []
+    for h in chosen:
+        row = {"order": p.order, "layer": p.label, "layer_key": p.layer_key, "call_index": p.call_index,
+               "kind": p.kind, "head": h, "scope": res.scope, "n_queries": int(res.per_query["js"].shape[0]),
+               "js_mean": js["mean"][h], "js_p95": js["p95"][h], "js_max": js["max"][h]}
+        row.update({name: means[name][h] for name in PAIR_METRICS if name != "js"})
+        for name in ERRORS:
+            row[name] = float(res.errors[name][h]) if name in res.errors else None
+        for name, v in res.all_queries.items():
+            row[f"all_queries_{name}"] = float(v[h])
+        rows.append(row)
+    return rows
+
+
+def query_rows(res: LayerResult, heads: list[int] | None) -> list[dict]:
+    """One row per layer x head x selected query (light mode; full mode keeps per-query values out of tables)."""
+    if res.query_labels is None:
+        return []
+    p = res.pair
+    chosen = [h for h in (heads if heads is not None else res.heads) if h < p.heads]
+    rows = []
+    for i, label in enumerate(res.query_labels):
+        q = p.fp["queries"][i]
+        for h in chosen:
+            rows.append({"order": p.order, "layer_key": p.layer_key, "call_index": p.call_index, "kind": p.kind,
+                         "head": h, "query": label, "group": q.get("group"), "index": q.get("index"),
+                         **{name: float(res.per_query[name][i, h]) for name in PAIR_METRICS}})
+    return rows
+
+
+def clean(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean(x) for x in v]
+    return v
+
+
+def impact(run: CompareRun) -> dict:
+    from sam2_layerwise.store.atomic import safe_load
+    from sam2_layerwise.store.layout import PREDICTIONS
+
+    preds = {}
+    for half in ("original", "quantized"):
+        rel = (run.summaries[half].get("prediction") or {}).get("file", PREDICTIONS)
+        try:
+            preds[half] = safe_load(run.path(half, rel, FLAG))
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{half}/{rel} cannot be loaded ({type(exc).__name__}); the run is damaged", flag=FLAG,
+                             value=str(run.run_dir)) from None
+    try:
+        return output_impact(preds["original"], preds["quantized"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"its predictions cannot be compared ({exc})", flag=FLAG, value=str(run.run_dir)) from None
+
+
+# -- the whole analysis --------------------------------------------------------------------------------------
+METRICS_SCHEMA = "sam2-layerwise/metrics"
+METRICS_VERSION = 1
+PLOTTED = ("js_mean", "js_p95", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk", "q_rel_err",
+           "k_rel_err", "v_rel_err", "out_rel_err")
+RANK_COLUMNS = ("js_mean", "js_p95", "js_max", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk",
+                "q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    layers: str | None = None
+    heads: str | None = None
+    topk: int | None = None  # k of the top-k metrics (default: the capture's --stats-topk)
+    rank: int = 20  # rows of the ranked list
+    output: str = "analysis"
+
+
+def ranked(heads: list[dict], n: int) -> list[dict]:
+    """Heads by mean JS, highest first (NaN last; ties in model order)."""
+    def key(r):
+        v = r["js_mean"]
+        return (v is None or not math.isfinite(v), -(v or 0.0), r["order"], r["head"])
+    return [{"rank": i + 1, **{c: r[c] for c in ("layer_key", "call_index", "layer", "kind", "head")},
+             **{c: r.get(c) for c in RANK_COLUMNS}} for i, r in enumerate(sorted(heads, key=key)[:n])]
+
+
+def impact_title(imp: dict) -> str:
+    """Output impact in three short lines (plot titles)."""
+    ch = imp["chosen"]
+    ious = ", ".join("n/a" if m["iou"] is None else f"{m['iou']:.3f}" for m in imp["masks"])
+    lines = [f"mask IoU FP vs Q per output: {ious}",
+             f"chosen mask {ch['fp']} -> {ch['q']}{' (changed)' if ch['changed'] else ''}, IoU "
+             f"{'n/a' if ch['iou'] is None else format(ch['iou'], '.3f')}"]
+    lg = imp["logits"]
+    if lg["max_abs_error"] is not None:
+        lines.append(f"low-res logits max |d| {lg['max_abs_error']:.3g}, mean |d| {lg['mean_abs_error']:.3g}")
+    return "\n".join(lines)
+
+
+def analyse(run: CompareRun, opts: GenerateOptions, on_layer=None) -> dict:
+    """Every metric of the selected layers and heads, as plain data: heads/queries rows, impact, ranking."""
+    pairs = select_pairs(layer_pairs(run), opts.layers)
+    heads = parse_heads(opts.heads, max(p.heads for p in pairs))
+    stats_k = (run.summaries["original"].get("capture_options") or {}).get("stats_topk")
+    k = opts.topk if opts.topk is not None else int(stats_k) if isinstance(stats_k, int) and stats_k > 0 else 5
+    measure = measure_full if run.mode == "full" else measure_light
+    head_table, query_table, layers = [], [], []
+    for pair in pairs:
+        res = measure(run, pair, k)
+        rows = head_rows(res, heads)
+        head_table += rows
+        query_table += query_rows(res, heads)
+        layers.append({"layer_key": pair.layer_key, "call_index": pair.call_index, "label": pair.label,
+                       "kind": pair.kind, "heads": pair.heads, "scope": res.scope, "rows": len(rows)})
+        if on_layer is not None:
+            on_layer(pair)
+    if not head_table:
+        raise InputError(f"selects no head of the chosen layers (they have {', '.join(sorted({str(p.heads) for p in pairs}))} "
+                         f"heads)", flag="--heads", value=opts.heads)
+    imp = impact(run)
+    return {"heads": head_table, "queries": query_table, "layers": layers, "impact": imp, "k": k,
+            "ranking": ranked(head_table, opts.rank)}
+
+
+def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer, command: list[str] | None) -> dict:
+    """metrics.json, metrics_heads.csv, metrics_queries.csv, ranking.txt/.json and plots/ under `opts.output`."""
+    import datetime as _dt
+
+    import pandas as pd
+
+    from sam2_layerwise import __version__
+    from sam2_layerwise.metrics import heatmap, layer_chart
+    from sam2_layerwise.store.atomic import atomic_write_bytes, atomic_write_json
+
+    out = opts.output
+    heads = pd.DataFrame(result["heads"])
+    queries = pd.DataFrame(result["queries"], columns=["order", "layer_key", "call_index", "kind", "head", "query",
+                                                       "group", "index", *PAIR_METRICS])
+    files = {"metrics": f"{out}/metrics.json", "heads_csv": f"{out}/metrics_heads.csv",
+             "queries_csv": f"{out}/metrics_queries.csv", "ranking_txt": f"{out}/ranking.txt",
+             "ranking_json": f"{out}/ranking.json", "plots": []}
+    atomic_write_bytes(heads.to_csv(index=False).encode(), writer.path(files["heads_csv"]))
+    atomic_write_bytes(queries.to_csv(index=False).encode(), writer.path(files["queries_csv"]))
+    rank = pd.DataFrame(result["ranking"])
+    atomic_write_bytes(rank.to_csv(sep="\t", index=False, float_format="%.6g").encode(), writer.path(files["ranking_txt"]))
+    atomic_write_json(clean(result["ranking"]), writer.path(files["ranking_json"]))
+    title = impact_title(result["impact"])
+    for metric in PLOTTED:
+        if metric in heads and heads[metric].notna().any():
+            rel = f"{out}/plots/heatmap_{metric}.png"
+            heatmap(heads, metric, writer.path(rel), title=f"{metric} per layer and head ({heads['scope'].iloc[0]})")
+            files["plots"].append(rel)
+    rel = f"{out}/plots/layers_js_mean.png"
+    layer_chart(heads, "js_mean", writer.path(rel), title="mean JS divergence per layer (FP vs Q)\n" + title)
+    files["plots"].append(rel)
+    metrics = clean({
+        "schema": METRICS_SCHEMA, "schema_version": METRICS_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__, "command": command,
+        "run": {"mode": run.mode, "image": run.manifest.get("image"), "prompts": run.manifest.get("prompts"),
+                "models": {h: {k: (run.manifest.get("models") or {}).get(h, {}).get(k)
+                               for k in ("config", "checkpoint", "checkpoint_sha256")} for h in ("original", "quantized")}},
+        "selection": {"layers": opts.layers, "heads": opts.heads, "topk": result["k"]},
+        "definitions": "docs/metrics.md; JS in bits (log base 2, in [0, 1]); entropy normalised by ln N_keys; "
+                       "relative errors ||Q - FP|| / ||FP|| per head",
+        "output_impact": result["impact"],
+        "layers": result["layers"],
+        "heads": result["heads"],
+        "ranking": result["ranking"],
+        "files": files,
+    })
+    atomic_write_json(metrics, writer.path(files["metrics"]))
+    return metrics
