@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sam2_layerwise.errors import InputError
+from sam2_layerwise.errors import InputError, condense
 
 
-def load_image(path: str | Path, flag: str = "--image") -> np.ndarray:
+@contextmanager
+def _our_pixel_limit():
+    """Pillow's own decompression-bomb check (a warning, then an error, at a fixed global limit) stands aside
+    while `load_image` applies `max_pixels` itself, before decoding; restored afterwards."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels: a 100 MP camera photograph fits; decoding it takes ~0.4 GB as RGB
+
+
+def load_image(path: str | Path, flag: str = "--image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read any image Pillow reads -> HWC uint8 RGB, EXIF orientation applied.
 
     Grey, palette, CMYK and RGBA images are converted to RGB (alpha dropped); 16-bit and float images are
-    scaled to 8 bits.
+    scaled to 8 bits. The size the header announces is checked against `max_pixels` (`--max-pixels`) before
+    a single pixel is decoded, so a small file claiming 30000x30000 costs nothing.
     """
     p = Path(path)
     if not p.exists():
@@ -23,13 +43,30 @@ def load_image(path: str | Path, flag: str = "--image") -> np.ndarray:
     if not p.is_file():
         raise InputError("not a file", flag=flag, value=str(path))
     try:
-        with Image.open(p) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with _our_pixel_limit():
+            im = Image.open(p)
     except UnidentifiedImageError:
         raise InputError("not an image file Pillow can read", flag=flag, value=str(path)) from None
-    except OSError as exc:
-        raise InputError(f"cannot read image: {exc}", flag=flag, value=str(path)) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's header is that file's problem
+        raise InputError(f"cannot read image: {condense(exc)}", flag=flag, value=str(path)) from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise InputError(f"is {w}x{h} = {w * h} pixels, more than --max-pixels {max_pixels}; refusing to decode "
+                             f"it (pass --max-pixels N to allow a larger image)", flag=flag, value=str(path))
+        try:
+            with _our_pixel_limit():
+                im.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(im))
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, a decoder's own limits, odd modes
+            raise InputError(f"cannot decode image: {condense(exc)}", flag=flag, value=str(path)) from None
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise InputError("empty image", flag=flag, value=str(path))
+    return np.ascontiguousarray(rgb)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> HWC uint8 RGB; 16-bit and integer images scaled to 8 bits, float images stretched."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
         a = np.clip(a / 257.0, 0, 255) if a.max() > 255 else a
@@ -39,10 +76,7 @@ def load_image(path: str | Path, flag: str = "--image") -> np.ndarray:
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
         im = Image.fromarray(a.astype(np.uint8), "L")
-    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise InputError("empty image", flag=flag, value=str(path))
-    return np.ascontiguousarray(rgb)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sam2_layerwise.cli.common import add_model_flags, setup_logging
+from sam2_layerwise.cli.common import add_model_flags, seed_int, setup_logging
 
 EXAMPLES = """examples:
   sam2-layerwise init-checkpoint --config configs/sam2.1/sam2.1_hiera_b+.yaml --output random_b+.pt --seed 1"""
@@ -13,7 +13,7 @@ EXAMPLES = """examples:
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, metavar="NAME_OR_YAML", help="SAM 2 config name or YAML file")
     p.add_argument("--output", required=True, help="where to write the .pt file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (default 0; 0 <= seed < 2**63)")
 
 
 def run(args) -> int:

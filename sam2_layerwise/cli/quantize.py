@@ -7,8 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-from sam2_layerwise.cli.common import positive_int, setup_logging
+from sam2_layerwise.cli.common import device_name, image_size, positive_int, seed_int, setup_logging
 from sam2_layerwise.errors import InputError
+from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -79,9 +80,15 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="where to write the quantized checkpoint (.pt)")
     p.add_argument("--max-calib-images", type=positive_int, default=64,
                    help="use at most this many images, in order (default %(default)s)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="override the config's image_size")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the percentile/MSE samples (default 0)")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse calibration images with more pixels than this, before decoding them "
+                        "(default %(default)s = 2**27)")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="override the config's image_size (a multiple of 32, at most 4096)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the percentile/MSE samples (default 0; 0 <= seed < 2**63)")
 
 
 def calibration_files(entries: list[str], limit: int) -> list[Path]:

@@ -6,6 +6,7 @@ import logging
 
 from sam2_layerwise.cli.common import nonnegative_int, positive_int, setup_logging
 from sam2_layerwise.errors import InputError
+from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -26,8 +27,11 @@ def add_arguments(p) -> None:
                    help="queries per attention call (default: the saved ones plus --query-points)")
     p.add_argument("--max-tokens", type=positive_int, default=4096,
                    help="cap on the key dimension drawn; larger maps are sum-pooled (default %(default)s)")
-    p.add_argument("--query-points", nargs="+", default=[], metavar="X_Y",
-                   help="extra query places (x y pairs, original pixels) recomputed from the saved q/k")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse a photograph with more pixels than this, before decoding it (default %(default)s)")
+    p.add_argument("--query-points", nargs="+", action="extend", default=[], metavar="X_Y",
+                   help="extra query places (x y pairs, original pixels) recomputed from the saved q/k; repeated "
+                        "--query-points add places")
     add_render_arguments(p)
 
 
@@ -83,7 +87,7 @@ def run(args) -> int:
     saved = open_run(args.run_dir)
     extra = query_points(args.query_points, saved.frame.orig_w, saved.frame.orig_h)
     plan = render_plan(args, default_images=True)
-    photo = load_photo(saved, args.image) if plan.draw.overlays or args.image else None  # only overlays need the photograph
+    photo = load_photo(saved, args.image, args.max_pixels) if plan.draw.overlays or args.image else None  # only overlays need the photograph
     summary = rerender(saved, photo, plan, extra_points=extra)
     files = summary.get("files", {})
     log.info("drew %s in %s%s", ", ".join(k for k in ("attn_images", "attn_overlays", "attn_topk") if k in files)

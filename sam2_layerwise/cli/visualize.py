@@ -7,8 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-from sam2_layerwise.cli.common import add_model_flags, nonnegative_int, positive_int, setup_logging
+from sam2_layerwise.cli.common import add_model_flags, image_size, nonnegative_int, positive_int, setup_logging
 from sam2_layerwise.cli.quantize import add_qat_flag, annotate_capture, build_for_capture, load_qat_flag
+from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -29,11 +30,16 @@ def add_arguments(p) -> None:
     add_model_flags(p)
     add_qat_flag(p)
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
-    p.add_argument("--points", nargs="+", default=[], metavar="X_Y_LABEL",
-                   help="clicks as x y label triples in original-image pixels (label 1 foreground, 0 background)")
-    p.add_argument("--box", nargs="+", default=None, metavar="X0_Y0_X1_Y1", help="box prompt x0 y0 x1 y1 in pixels")
-    p.add_argument("--query-points", nargs="+", default=[], metavar="X_Y",
-                   help="extra places (x y pairs, pixels) whose tokens are inspected after the clicks")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse an image with more pixels than this, before decoding it (default %(default)s = 2**27)")
+    p.add_argument("--points", nargs="+", action="extend", default=[], metavar="X_Y_LABEL",
+                   help="clicks as x y label triples in original-image pixels (label 1 foreground, 0 background); "
+                        "repeated --points add clicks")
+    p.add_argument("--box", nargs="+", default=None, metavar="X0_Y0_X1_Y1",
+                   help="box prompt x0 y0 x1 y1 in pixels (one box)")
+    p.add_argument("--query-points", nargs="+", action="extend", default=[], metavar="X_Y",
+                   help="extra places (x y pairs, pixels) whose tokens are inspected after the clicks; repeated "
+                        "--query-points add places")
     p.add_argument("--output-dir", default="sam2_logs/layerwise_debug", help="run directory (default %(default)s)")
     p.add_argument("--save-attn", action="store_true", help="save attention maps of the selected queries")
     p.add_argument("--save-qkv", action="store_true", help="save q/k/v as the attention kernel saw them")
@@ -48,8 +54,8 @@ def add_arguments(p) -> None:
                    help="per-head statistics over every query (default) or only the selected ones (faster)")
     p.add_argument("--stats-topk", type=nonnegative_int, default=5, help="k of the top-k mass statistic (default 5)")
     p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
-    p.add_argument("--image-size", type=positive_int, default=None,
-                   help="override the config's image_size (a multiple of 32 that fits the Hiera windows)")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="override the config's image_size (a multiple of 32 that fits the Hiera windows, at most 4096)")
     add_render_arguments(p)
 
 
@@ -74,7 +80,7 @@ def prepare(args):
     check_render_args(args)
     args.qat_config = load_qat_flag(args)
     out_dir = check_output_dir(args.output_dir)
-    image = load_image(args.image)
+    image = load_image(args.image, max_pixels=args.max_pixels)
     h, w = image.shape[:2]
     prompts = parse_prompts(args.points, args.box, args.query_points, w, h)
     return image, prompts, out_dir

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import math
 import os
+import re
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sam2_layerwise.errors import ModelError, few
+from sam2_layerwise._yaml import check_interpolations, read_yaml
+from sam2_layerwise.errors import ModelError, condense, few
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,10 @@ POSTPROCESSING = {
     "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta": 0.05,
     "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh": 0.98,
 }
+
+MAX_IMAGE_SIZE = 4096  # SAM 2 runs at 1024; 4096 is 16x its tokens (cli.common.image_size says the same)
+QUANT_ENTRY = "quantization"  # where a quantized checkpoint keeps its quantizers (quant.checkpoint.ENTRY)
+CONFIG_MAX_BYTES = 4 << 20  # SAM 2's configs are a few KiB; anything near this is not a model config
 
 # Official checkpoints: model id -> (config name, download URL).
 _BASE_21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
@@ -67,34 +74,56 @@ def resolve_config(config: str) -> Path:
 
 
 def load_config(config: str, overrides: dict | None = None):
-    """The model section of a SAM 2 config, with `build_sam2`'s post-processing overrides applied."""
+    """The model section of a SAM 2 config, with `build_sam2`'s post-processing overrides applied.
+
+    The YAML is read with limits first (CONFIG_MAX_BYTES, nesting, alias expansion, duplicate keys, how far
+    `${...}` interpolations expand), then handed to OmegaConf as the same text.
+    """
     path = resolve_config(config)
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors carry their own line numbers
-        raise ModelError(f"cannot read YAML: {exc}".splitlines()[0], flag="--config", value=config) from None
-    if "model" not in cfg or "_target_" not in cfg.model:
+    text, data = read_yaml(path, flag="--config", value=config, error=ModelError, max_bytes=CONFIG_MAX_BYTES)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or "_target_" not in data["model"]:
         raise ModelError("not a SAM 2 model config (no model._target_)", flag="--config", value=config)
-    for key, value in {**POSTPROCESSING, **(overrides or {})}.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    OmegaConf.resolve(cfg)
+    check_interpolations(data, limit=CONFIG_MAX_BYTES, flag="--config", value=config, error=ModelError)
+    try:
+        cfg = OmegaConf.load(io.StringIO(text))
+        for key, value in {**POSTPROCESSING, **(overrides or {})}.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        OmegaConf.resolve(cfg)
+    except Exception as exc:  # OmegaConf's own errors: a bad interpolation, an unsupported value
+        raise ModelError(f"cannot read as an OmegaConf config: {condense(exc)}", flag="--config", value=config) from None
     return cfg
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as --device spells them."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        out += ["cuda"] + [f"cuda:{i}" for i in range(n)]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
 def pick_device(device: str = "auto") -> torch.device:
+    """`--device`: auto (cuda, then mps, then cpu), or cpu / cuda / cuda:N / mps when this machine has it.
+    Other torch device types (meta, xpu, vulkan, ...) are refused: the model must really run there."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ModelError("not a device name (auto, cpu, cuda, cuda:N, mps)", flag="--device", value=device) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("CUDA is not available on this machine", flag="--device", value=device)
-    return dev
+    have = available_devices()
+    shown = ", ".join(["auto", *have[:6]]) + (", ..." if len(have) > 6 else "")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d{1,3})?", device):
+        raise ModelError(f"not a device this tool runs on; this machine has: {shown}", flag="--device", value=device)
+    if device not in have:
+        why = ("CUDA is not available on this machine" if device.startswith("cuda") and not torch.cuda.is_available()
+               else f"there is no CUDA device {device.split(':')[1]} ({torch.cuda.device_count()} visible)"
+               if device.startswith("cuda:") else "MPS (Apple GPU) is not available on this machine")
+        raise ModelError(f"{why}; this machine has: {shown}", flag="--device", value=device)
+    return torch.device(device)
 
 
 def cache_dir() -> Path:
@@ -135,8 +164,8 @@ def official_id(name: str) -> str | None:
 
 
 def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
-    """The whole SAM 2 checkpoint dict, `torch.load(weights_only=True)`; it must hold a `model` state dict.
-    Zip-format files are memory-mapped, so a quantized checkpoint's extra entries cost no copy."""
+    """The whole SAM 2 checkpoint dict, `torch.load(weights_only=True)`; it must hold a `model` state dict of
+    dense tensors. Zip-format files are memory-mapped, so a quantized checkpoint's extra entries cost no copy."""
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -144,12 +173,58 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
             if "mmap" not in str(exc):
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot be loaded with torch.load(weights_only=True): {first[:200]}", flag=flag, value=str(path)) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is the file's problem
+        raise ModelError(_load_refusal(exc) + _cached_hint(path), flag=flag, value=str(path)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ModelError("not a SAM 2 checkpoint: expected a dict with a 'model' state dict", flag=flag, value=str(path))
+        raise ModelError("not a SAM 2 checkpoint: expected a dict with a 'model' state dict" + _cached_hint(path),
+                         flag=flag, value=str(path))
+    for key, value in ckpt["model"].items():
+        if not isinstance(key, str):
+            raise ModelError(f"'model' has a key {key!r} that is not a string; a SAM 2 state dict is keyed by "
+                             f"parameter names" + _cached_hint(path), flag=flag, value=str(path))
+        problem = _tensor_problem(value)
+        if problem:
+            raise ModelError(f"'model' entry {key} {problem}; a SAM 2 state dict holds dense tensors only"
+                             + _cached_hint(path), flag=flag, value=str(path))
     return ckpt
+
+
+def _load_refusal(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line: the global it would not import (a pickled
+    class, function or `os.system` reference), or the loader's own reason."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"contains code or objects that cannot be loaded safely (weights_only=True refused GLOBAL {found[1]})"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if found:
+        return (f"contains code or objects that cannot be loaded safely (weights_only=True refused it: "
+                f"{condense(found[1])})")
+    return f"cannot be loaded with torch.load(weights_only=True): {condense(exc)}"
+
+
+def _cached_hint(path: Path) -> str:
+    """For a file in our download cache: which file to delete so the next run downloads it again."""
+    try:
+        cached = Path(path).resolve().parent == cache_dir().expanduser().resolve()
+    except OSError:
+        cached = False
+    return f"; it is a cached download: delete {path} and run again to download it afresh" if cached else ""
+
+
+def _tensor_problem(value) -> str | None:
+    """Why a state-dict value is not a plain dense tensor (None when it is)."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    if value.layout != torch.strided:
+        return f"is a {str(value.layout).removeprefix('torch.')} tensor"
+    if value.is_quantized:
+        return "is a quantized tensor"
+    if value.is_meta:
+        return "is a meta tensor (it has no values)"
+    if getattr(value, "is_nested", False):
+        return "is a nested tensor"
+    return None
 
 
 def read_state_dict(path: Path, flag: str = "--checkpoint") -> dict:
@@ -160,10 +235,16 @@ def read_state_dict(path: Path, flag: str = "--checkpoint") -> dict:
 def check_state_dict(model: torch.nn.Module, state: dict, flag: str, value: str) -> None:
     """Raise naming the keys that are missing, unexpected or of the wrong shape."""
     own = model.state_dict()
+    for k, v in state.items():  # after adapt_state: what is left must all be weights
+        problem = _tensor_problem(v)
+        if problem is None and k in own and own[k].is_floating_point() and not v.is_floating_point():
+            problem = f"holds {str(v.dtype).removeprefix('torch.')} values where the model has floating point"
+        if problem:
+            raise ModelError(f"'model' entry {k} {problem}", flag=flag, value=value)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-             if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+             if k in state and state[k].shape != own[k].shape]
 
     problems = []
     if missing:
@@ -192,13 +273,15 @@ class LoadedModel:
 
 def build_model(config: str | None, checkpoint: str | None = None, *, random_init: bool = False,
                 device: str = "auto", seed: int = 0, overrides: dict | None = None,
-                adapt_state=None) -> LoadedModel:
+                adapt_state=None, quantized: bool = False) -> LoadedModel:
     """Build a SAM 2 model in eval mode.
 
     config: package config name or YAML path (may be None when `checkpoint` is an official model id).
     checkpoint: `.pt` path or official model id. random_init: run on seeded random weights (explicit only).
     adapt_state(model, state) -> state: a chance to take entries that are not SAM 2 weights out of the state
     dict (a QAT trainer's quantizer parameters) once the model is built, before the state is checked.
+    quantized: the caller installs the checkpoint's quantizers (`quant.load_quantized_model`); otherwise a
+    checkpoint that carries them runs as the float model it also is, and a warning says so.
     """
     if checkpoint is None and not random_init:
         raise ModelError("no weights given: pass --checkpoint PATH_OR_MODEL_ID, or --random-init to run on "
@@ -212,8 +295,17 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
         config = OFFICIAL[model_id][0]
     dev = pick_device(device)
     cfg = load_config(config, overrides)
+    _check_config_image_size(cfg, "--image-size" if overrides and "model.image_size" in overrides else "--config",
+                             config)
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    state = read_state_dict(ckpt_path) if ckpt_path is not None else None
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+    state = ckpt["model"] if ckpt is not None else None
+    if ckpt is not None and QUANT_ENTRY in ckpt and not quantized:
+        entry = ckpt[QUANT_ENTRY]
+        count = len(entry.get("quantizers") or {}) if isinstance(entry, dict) else 0
+        log.warning("checkpoint %s carries quantization parameters (%d quantizers); running it as a FLOAT model "
+                    "(its float weights). Pass --adaptive-qat-config with the config it was made with to run it "
+                    "quantized", checkpoint, count)
     if state is not None:
         warn_nonfinite(state, str(checkpoint))
 
@@ -222,8 +314,8 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     torch.manual_seed(seed)
     try:
         model = instantiate(cfg.model, _recursive_=True)
-    except Exception as exc:
-        raise ModelError(f"the sam2 package cannot build this config: {str(exc).splitlines()[0][:300]}",
+    except Exception as exc:  # noqa: BLE001 - hydra wraps whatever the constructors raised
+        raise ModelError(f"the sam2 package cannot build this config: {condense(exc)}",
                          flag="--config", value=config) from None
     if getattr(model, "compile_image_encoder", False):
         raise ModelError("compile_image_encoder=True: torch.compile'd encoders run capture hooks badly; "
@@ -255,6 +347,24 @@ def warn_nonfinite(state: dict, checkpoint: str) -> None:
         log.warning("checkpoint %s holds non-finite values (NaN/inf) in %d tensors, first %s; running it anyway, "
                     "the summary's 'nonfinite' section says where they first reach the computation",
                     checkpoint, len(bad), bad[0])
+
+
+def _check_config_image_size(cfg, flag: str, config: str) -> None:
+    """image_size (the config's or --image-size) before anything is built: a whole number in
+    [32, MAX_IMAGE_SIZE] that the Hiera's first-stage windows tile (a model of 10**9 pixels is never built)."""
+    size = OmegaConf.select(cfg, "model.image_size", default=None)
+    shown = config if flag == "--config" else size
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ModelError(f"model.image_size is {size!r}, not a whole number", flag=flag, value=shown)
+    if not 32 <= size <= MAX_IMAGE_SIZE:
+        raise ModelError(f"image_size {size} is outside 32..{MAX_IMAGE_SIZE} (SAM 2's own is 1024)", flag=flag,
+                         value=shown)
+    window = OmegaConf.select(cfg, "model.image_encoder.trunk.window_spec", default=None)
+    first = window[0] if window is not None and len(window) and isinstance(window[0], int) else 8  # Hiera's default
+    step = math.lcm(32, 4 * max(1, first))
+    if size % step:
+        raise ModelError(f"image_size must be a multiple of {step} for this Hiera (stride 32, first window "
+                         f"{first} tokens of 4 px); e.g. {max(step, size // step * step)}", flag=flag, value=shown)
 
 
 def _check_image_size(model, flag: str) -> None:

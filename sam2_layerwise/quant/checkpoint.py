@@ -225,7 +225,7 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
         ckpt = read_checkpoint(path)
         native = native_params(ckpt, str(checkpoint))
         if native is not None or qcfg.checkpoint.location == "quantization":
-            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides)
+            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, quantized=True)
             sites, floats = plan(loaded.model, qcfg)
             params = native or {}
         else:  # learned parameters inside the state dict (a QAT trainer's layout): split them out first
@@ -236,7 +236,8 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
                 found["params"], rest = state_dict_params(state, found["sites"], qcfg)
                 return rest
 
-            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, adapt_state=split)
+            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, adapt_state=split,
+                                 quantized=True)
             sites, floats, params = found["sites"], found["floats"], found["params"]
         source = str(checkpoint)
     check_params(sites, params, qcfg, source=source, flag="--checkpoint" if source else "--random-init")

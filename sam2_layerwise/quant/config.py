@@ -24,16 +24,17 @@ Schema (docs/quantization.md has the full description and examples):
 from __future__ import annotations
 
 import difflib
+import string
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
+from sam2_layerwise._yaml import read_yaml
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.quantizers import CALIBRATIONS, GRANULARITIES, SPEC_KINDS, QuantSpec
 
 FORMAT = "sam2-layerwise/quant-config"
 FLAG = "--adaptive-qat-config"
+MAX_BYTES = 1 << 20  # a quantization config is a few hundred lines; 1 MiB is far beyond any real one
 
 LAYER_ROLES = ("weight", "input")
 ATTENTION_ROLES = ("q", "k", "v", "probs")
@@ -262,14 +263,7 @@ def parse_config(raw, source: str | None = None) -> QuantConfig:
             raise _err(f"checkpoint.location: '{ck['location']}' is not 'quantization' or 'model'", source)
         layout = replace(layout, location=ck["location"])
     if "key" in ck:
-        key = ck["key"]
-        if not isinstance(key, str) or any(f"{{{n}}}" not in key for n in ("module", "role", "param")):
-            raise _err("checkpoint.key: expected a template containing {module}, {role} and {param}", source)
-        try:
-            key.format(module="m", role="r", param="p")
-        except (KeyError, IndexError, ValueError):
-            raise _err(f"checkpoint.key: '{key}' may only use {{module}}, {{role}} and {{param}}", source) from None
-        layout = replace(layout, key=key)
+        layout = replace(layout, key=_key_template(ck["key"], source))
     if "params" in ck:
         if not isinstance(ck["params"], dict):
             raise _err("checkpoint.params: expected a mapping like {scale: step_size}", source)
@@ -290,6 +284,35 @@ def parse_config(raw, source: str | None = None) -> QuantConfig:
                        checkpoint=layout, raw=_plain(raw))
 
 
+KEY_FIELDS = ("module", "role", "param")
+
+
+def _key_template(key, source) -> str:
+    """`checkpoint.key`: literal text and the plain fields {module}, {role}, {param}, each at least once. No
+    attribute or index access ({role.__class__}, {module[0]}), positional fields ({0}), conversions ({param!r})
+    or format specs ({module:>9}): a template is a key pattern, not code."""
+    want = "checkpoint.key: expected a template containing {module}, {role} and {param}"
+    if not isinstance(key, str):
+        raise _err(f"{want}, got {type(key).__name__}", source)
+    try:
+        parts = list(string.Formatter().parse(key))
+    except ValueError as exc:
+        raise _err(f"{want}; '{key}' is not a valid template ({exc})", source) from None
+    used = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in KEY_FIELDS or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise _err(f"{want}; '{key}' uses {shown}, and only those plain fields are allowed (no attribute or "
+                       f"index access, conversion or format spec)", source)
+        used.add(name)
+    if used != set(KEY_FIELDS):
+        missing = ", ".join("{" + n + "}" for n in KEY_FIELDS if n not in used)
+        raise _err(f"{want}; '{key}' lacks {missing}", source)
+    return key
+
+
 def _plain(obj):
     """YAML values as plain dict/list/str/number/bool/None (safe for a weights_only checkpoint)."""
     if isinstance(obj, dict):
@@ -302,15 +325,12 @@ def _plain(obj):
 
 
 def load_quant_config(path: str | Path) -> QuantConfig:
-    """Read and validate a quantization config file (flag `--adaptive-qat-config`)."""
+    """Read and validate a quantization config file (flag `--adaptive-qat-config`): at most MAX_BYTES, read by
+    a SafeLoader that refuses alias bombs, deep nesting and duplicate keys."""
     p = Path(path).expanduser()
     if not p.exists():
         raise _err("no such file", str(path))
     if not p.is_file():
         raise _err("not a file", str(path))
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).replace("\n", " ")[:200]
-        raise _err(f"not valid YAML: {first}", str(path)) from None
+    _, raw = read_yaml(p, flag=FLAG, value=str(path), error=ModelError, max_bytes=MAX_BYTES)
     return parse_config(raw, str(path))

@@ -17,10 +17,14 @@ def run_cli(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
 
     def run(*extra, base=True):
+        """visualize with the base flags, except those `extra` gives itself (so a test's --points replaces the
+        base click rather than adding to it: repeated --points accumulate, other repeated flags are errors)."""
         args = ["visualize"]
         if base:
-            args += ["--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint), "--image", str(CHELSEA),
-                     "--points", "220", "150", "1"]
+            for flag, *values in (("--config", TINY_CONFIG), ("--checkpoint", str(tiny_checkpoint)),
+                                  ("--image", str(CHELSEA)), ("--points", "220", "150", "1")):
+                if flag not in extra:
+                    args += [flag, *values]
         args += ["--output-dir", str(out), *extra]
         code = main(args)
         err = capsys.readouterr().err.strip().splitlines()
@@ -35,11 +39,6 @@ def _one_line(err, *needles):
     for n in needles:
         assert n in errors[0], (n, errors[0])
     return errors[0]
-
-
-def override(args, flag, *values):
-    """Replace a flag's values in the base argument list (argparse keeps the last occurrence)."""
-    return [flag, *values]
 
 
 @pytest.mark.parametrize("extra, needles", [

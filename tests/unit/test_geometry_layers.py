@@ -39,8 +39,10 @@ def test_key_cells_follow_window_partition(h, w, window):
 
 def test_layer_ranges_and_globs():
     keys = [f"image_encoder_trunk_blocks_{i}" for i in range(24)] + ["sam_mask_decoder_transformer_layers_0_self_attn"]
-    assert expand("image_encoder_trunk_blocks_0:2,x*") == [
-        "image_encoder_trunk_blocks_0", "image_encoder_trunk_blocks_1", "image_encoder_trunk_blocks_2", "x*"]
+    rng, glob = expand("image_encoder_trunk_blocks_0:2,x*")
+    assert (rng.prefix, rng.a, rng.b, rng.suffix, glob) == ("image_encoder_trunk_blocks_", 0, 2, "", "x*")
+    assert select(keys, "image_encoder_trunk_blocks_0:2") == keys[:3]
+    assert select(keys, "image_encoder_trunk_blocks_1:2*") == [keys[1], keys[2]] + keys[10:24]  # 1*, 2*: as globs
     assert select(keys, "image_encoder_trunk_blocks_21:23") == keys[21:24]
     assert select(keys, "*self_attn,image_encoder_trunk_blocks_3") == [keys[3], keys[24]]
     assert select(keys, None) == keys
