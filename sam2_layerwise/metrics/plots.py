@@ -1,0 +1,171 @@
+"""Static plots of per-(layer, head) metric tables: a layer x head heatmap and a per-layer line chart.
+
+`table` is a pandas DataFrame with one row per (layer, head): `layer` (a readable label, drawn as given),
+`order` (int, the layer's place in the model; rows are drawn in this order), `head` (int) and metric columns.
+Heads vary per layer (Hiera b+ has 2, 4, 8, 16 by stage). Figures are `matplotlib.figure.Figure` objects
+drawn by the Agg canvas, so pyplot and its global state are never touched; PNGs go where the caller says.
+matplotlib is imported on first use, keeping `import sam2_layerwise.metrics` light.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+FONT = 7  # tick labels: ~31 layer names must stay legible without a huge figure
+NAN_COLOR = "#b4b4b4"  # a (layer, head) whose value is NaN (undefined)
+MISSING_COLOR = "white"  # a head the layer does not have
+ROW_IN = 0.22  # inches per layer row in the heatmap
+HEAD_IN = 0.34  # inches per head column
+DPI = 110
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _text_in(label: str, size: float = FONT) -> float:
+    """Rough width in inches of one line of text at `size` points."""
+    return len(label) * size * 0.58 / 72
+
+
+def _check(table, metric: str) -> None:
+    missing = [c for c in ("layer", "order", "head", metric) if c not in table.columns]
+    if missing:
+        raise ValueError(f"metric table lacks column(s) {', '.join(missing)}; "
+                         f"it has {', '.join(map(str, table.columns))}")
+
+
+def _layers(table) -> list[tuple[int, str]]:
+    """(order, label) of every layer, in model order."""
+    pairs = table[["order", "layer"]].drop_duplicates()
+    return sorted(((int(o), str(l)) for o, l in zip(pairs["order"], pairs["layer"])), key=lambda p: p[0])
+
+
+def _grid(table, metric: str, layers: list[tuple[int, str]]):
+    """values [layers, heads] float (NaN where the metric is NaN or the head is missing) and present [layers, heads]."""
+    n_heads = int(table["head"].max()) + 1 if len(table) else 0
+    values = np.full((len(layers), n_heads), np.nan)
+    present = np.zeros((len(layers), n_heads), dtype=bool)
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    try:
+        column = table[metric].to_numpy(dtype=float, na_value=np.nan)  # None / pd.NA -> NaN
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metric table: column {metric!r} is not numeric ({e})") from None
+    for order, label, head, value in zip(table["order"], table["layer"], table["head"], column):
+        r, h = row_of[(int(order), str(label))], int(head)
+        if h < 0:
+            raise ValueError(f"metric table: negative head {h} in layer {label!r}")
+        if present[r, h]:
+            raise ValueError(f"metric table: layer {label!r} has head {h} twice; give each call its own label")
+        present[r, h] = True
+        values[r, h] = value
+    return values, present
+
+
+def _colour_scale(values: np.ndarray, cmap: str | None, vmin: float | None, vmax: float | None):
+    """A diverging map centred at 0 for signed data (e.g. a change Q − FP), viridis otherwise."""
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    signed = lo < 0 < hi
+    if signed and vmin is None and vmax is None:
+        bound = max(-lo, hi)
+        lo, hi = -bound, bound
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    return (cmap or ("RdBu_r" if signed else "viridis"), lo if vmin is None else vmin, hi if vmax is None else vmax)
+
+
+def heatmap(table, metric: str, path, title: str | None = None, *, cmap: str | None = None,
+            vmin: float | None = None, vmax: float | None = None) -> Path:
+    """Layer x head heatmap of `metric` written as a PNG to `path`; returns the path.
+
+    Rows: layers in `order`, labelled with `layer`; columns: heads 0..max. Grey cells: NaN values; white
+    cells: heads a layer does not have. Colour bar named after the metric; `cmap` defaults to viridis, or
+    to RdBu_r centred at 0 when values have both signs. The figure grows with the number of layers and heads.
+    """
+    import matplotlib
+
+    _check(table, metric)
+    layers = _layers(table)
+    values, present = _grid(table, metric, layers)
+    n_layers, n_heads = values.shape
+    cmap_name, lo, hi = _colour_scale(values, cmap, vmin, vmax)
+
+    label_w = max([_text_in(label) for _, label in layers], default=0.5) + 0.2
+    left, right, top, bottom = label_w, 1.2, 0.55, 0.55  # inches around the cells (colour bar on the right)
+    cells_w, cells_h = max(HEAD_IN * n_heads, 1.2), max(ROW_IN * n_layers, 0.6)
+    width, height = left + cells_w + right, top + cells_h + bottom
+    fig = _figure(width, height)
+    ax = fig.add_axes((left / width, bottom / height, cells_w / width, cells_h / height))
+    cax = fig.add_axes(((left + cells_w + 0.15) / width, bottom / height, 0.15 / width, cells_h / height))
+
+    colours = matplotlib.colormaps[cmap_name].with_extremes(bad=NAN_COLOR)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=lo, vmax=hi, aspect="auto",
+                      interpolation="nearest")
+    blank = np.zeros((n_layers, n_heads, 4))
+    blank[~present] = matplotlib.colors.to_rgba(MISSING_COLOR)
+    ax.imshow(blank, aspect="auto", interpolation="nearest")
+
+    ax.set_yticks(range(n_layers), [label for _, label in layers], fontsize=FONT)
+    ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)], fontsize=FONT)
+    ax.set_xticks(np.arange(n_heads + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n_layers + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("head (grey: NaN, blank: no such head)", fontsize=FONT + 1)
+    ax.set_title(title if title is not None else f"{metric} per layer and head", fontsize=FONT + 2)
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_label(metric, fontsize=FONT + 1)
+    bar.ax.tick_params(labelsize=FONT)
+    fig.savefig(path, format="png", dpi=DPI)
+    return Path(path)
+
+
+def layer_chart(table, metric: str, path, title: str) -> Path:
+    """Per-layer line chart of `metric` written as a PNG to `path`; returns the path.
+
+    x: layers in `order` (rotated `layer` labels); y: the mean over a layer's heads and the maximum over
+    them (NaN heads left out; a layer with no defined value leaves a gap). `title` may hold several lines.
+    """
+    _check(table, metric)
+    layers = _layers(table)
+    values, _ = _grid(table, metric, layers)
+    with np.errstate(all="ignore"):
+        defined = np.isfinite(values)
+        count = defined.sum(1)
+        mean = np.where(count > 0, np.where(defined, values, 0).sum(1) / np.maximum(count, 1), np.nan)
+        top = np.where(count > 0, np.where(defined, values, -np.inf).max(1, initial=-np.inf), np.nan)
+
+    n_layers = len(layers)
+    title_lines = title.count("\n") + 1
+    label_w = [_text_in(label) for _, label in layers]
+    plot_w, plot_h = max(0.28 * n_layers, 4.0), 2.8
+    step = plot_w / max(n_layers, 1)
+    # Labels rotated 60 degrees hang down and to the left of their tick: room below, and left of the first ones.
+    overhang = max([w * math.cos(math.radians(60)) - (i + 0.5) * step for i, w in enumerate(label_w)], default=0)
+    top_in, bottom_in = 0.3 + 0.17 * title_lines, max(label_w, default=0.5) * math.sin(math.radians(60)) + 0.3
+    left_in, right_in = max(0.8, overhang + 0.15), 0.3
+    width, height = left_in + plot_w + right_in, top_in + plot_h + bottom_in
+    fig = _figure(width, height)
+    ax = fig.add_axes((left_in / width, bottom_in / height, plot_w / width, plot_h / height))
+    x = np.arange(n_layers)
+    ax.plot(x, mean, marker="o", markersize=3, linewidth=1.2, label="mean over heads")
+    ax.plot(x, top, marker="^", markersize=3, linewidth=1.0, linestyle="--", label="max over heads")
+    ax.set_xticks(x, [label for _, label in layers], fontsize=FONT, rotation=60, ha="right",
+                  rotation_mode="anchor")
+    ax.set_xlim(-0.5, max(n_layers - 0.5, 0.5))
+    ax.tick_params(axis="y", labelsize=FONT)
+    ax.set_ylabel(metric, fontsize=FONT + 1)
+    ax.grid(True, linewidth=0.4, alpha=0.5)
+    ax.legend(fontsize=FONT, loc="best")
+    ax.set_title(title, fontsize=FONT + 1.5, loc="left")
+    fig.savefig(path, format="png", dpi=DPI)
+    return Path(path)
