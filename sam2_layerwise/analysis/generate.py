@@ -409,8 +409,8 @@ def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer,
     files = {"metrics": f"{out}/metrics.json", "heads_csv": f"{out}/metrics_heads.csv",
              "queries_csv": f"{out}/metrics_queries.csv", "ranking_txt": f"{out}/ranking.txt",
              "ranking_json": f"{out}/ranking.json", "plots": []}
-    atomic_write_bytes(heads.to_csv(index=False).encode(), writer.path(files["heads_csv"]))
-    atomic_write_bytes(queries.to_csv(index=False).encode(), writer.path(files["queries_csv"]))
+    atomic_write_bytes(heads.to_csv(index=False, float_format="%.17g").encode(), writer.path(files["heads_csv"]))
+    atomic_write_bytes(queries.to_csv(index=False, float_format="%.17g").encode(), writer.path(files["queries_csv"]))
     rank = pd.DataFrame(result["ranking"])
     atomic_write_bytes(rank.to_csv(sep="\t", index=False, float_format="%.6g").encode(), writer.path(files["ranking_txt"]))
     atomic_write_json(clean(result["ranking"]), writer.path(files["ranking_json"]))
