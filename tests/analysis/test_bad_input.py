@@ -1,0 +1,131 @@
+"""compare/generate bad input: one line naming the flag and value, exit 2, nothing written or changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from sam2_layerwise.cli.main import main
+from tests.analysis.conftest import EXAMPLES, compare_args
+from tests.conftest import CHELSEA, TINY_CONFIG
+from tests.store.test_run_writer import snapshot
+
+
+def one_line(capsys, *needles):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1, err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+
+
+@pytest.mark.parametrize("mode, needles", [
+    (["--save-raw", "--save-full-attn"], ["--save-full-attn", "not allowed with", "--save-raw"]),
+    ([], ["--save-raw", "--save-full-attn", "required"]),
+    (["--save-raw", "--full-dtype", "fp16"], ["--full-dtype fp16", "--save-full-attn"]),
+])
+def test_compare_modes(tmp_path, tiny_checkpoint, quant_checkpoints, capsys, mode, needles):
+    cfg, ckpt = quant_checkpoints["w8a8"]
+    args = compare_args(tiny_checkpoint, cfg, ckpt, tmp_path / "out", *mode[:1])
+    args = [a for a in args if a not in ("--save-raw",)] + mode
+    assert main(args) == 2
+    one_line(capsys, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_quantized_checkpoint_that_does_not_fit(tmp_path, tiny_checkpoint, quant_checkpoints, capsys):
+    cfg, _ = quant_checkpoints["w8a8"]
+    _, other = quant_checkpoints["w4a8_mixed"]  # w4a8's checkpoint under the w8a8 config: bits do not fit
+    assert main(compare_args(tiny_checkpoint, cfg, other, tmp_path / "out")) == 2
+    one_line(capsys, "--checkpoint-quantized")
+    assert not (tmp_path / "out").exists()
+    # the float checkpoint as the quantized one: no learned scales
+    assert main(compare_args(tiny_checkpoint, cfg, tiny_checkpoint, tmp_path / "out")) == 2
+    one_line(capsys, "--checkpoint-quantized")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_base_config_disagrees(tmp_path, tiny_checkpoint, quant_checkpoints, capsys):
+    _, ckpt = quant_checkpoints["w8a8"]
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text((EXAMPLES / "w8a8.yaml").read_text() + "base_config: configs/sam2.1/sam2.1_hiera_b+.yaml\n")
+    assert main(compare_args(tiny_checkpoint, cfg, ckpt, tmp_path / "out")) == 2
+    one_line(capsys, "--config-original", "base_config")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_over_a_good_run_that_fails_keeps_it(tmp_path, tiny_checkpoint, quant_checkpoints, compare_runs,
+                                                      capsys):
+    run = tmp_path / "run"
+    shutil.copytree(compare_runs["w8a8", "raw"], run)
+    before = snapshot(run)
+    cfg, _ = quant_checkpoints["w8a8"]
+    args = compare_args(tiny_checkpoint, cfg, tiny_checkpoint, run)  # fails at the quantized half's loading
+    assert main(args) == 2
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # and a visualize run directory is not a compare run to write over
+    vis = tmp_path / "vis"
+    assert main(["visualize", "--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint), "--image",
+                 str(CHELSEA), "--points", "10", "10", "1", "--output-dir", str(vis), "-q"]) == 0
+    capsys.readouterr()
+    assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], vis)) == 2
+    one_line(capsys, "--output-dir", "another kind")
+
+
+@pytest.fixture
+def run_copy(tmp_path, compare_runs):
+    run = tmp_path / "run"
+    shutil.copytree(compare_runs["w8a8", "raw"], run)
+    return run
+
+
+def _edit_json(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _drop_tensor(run):
+    s = json.loads((run / "quantized" / "layerwise_summary.json").read_text())
+    (run / "quantized" / s["attention"][2]["files"]["attn"]).unlink()
+
+
+def _escape(run):
+    def fn(s):
+        s["attention"][0]["files"]["attn"] = "../../../etc/passwd"
+    _edit_json(run / "original" / "layerwise_summary.json", fn)
+
+
+@pytest.mark.parametrize("damage, extra, needles", [
+    (lambda r: shutil.rmtree(r / "quantized"), [], ["--run_dir", "quantized/layerwise_summary.json is missing"]),
+    (_drop_tensor, [], ["--run_dir", "truncated", "__attn.pt is missing"]),
+    (lambda r: (r / "original" / "predictions.pt").write_bytes(b"junk"), [], ["--run_dir", "predictions.pt"]),
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(schema_version=99)), [],
+     ["--run_dir", "schema version 99", "newer"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["prompts"]["points"][0].__setitem__(0, 1.0)), [],
+     ["--run_dir", "different prompts"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["image"].update(sha256="0" * 64)), [], ["--run_dir", "different images"]),
+    (_escape, [], ["--run_dir", "outside the run"]),
+    (lambda r: None, ["--layers", "image_encoder_trunk_blocks_40"], ["--layers", "matches no layer"]),
+    (lambda r: None, ["--heads", "9"], ["--heads 9", "at most 8 heads"]),
+    (lambda r: None, ["--heads", "x"], ["--heads x"]),
+    (lambda r: None, ["--output", "../elsewhere"], ["--output ../elsewhere"]),
+])
+def test_generate_refuses(run_copy, capsys, damage, extra, needles):
+    damage(run_copy)
+    before = snapshot(run_copy)
+    assert main(["generate", "--run_dir", str(run_copy), *extra]) == 2
+    one_line(capsys, *needles)
+    assert snapshot(run_copy) == before
+
+
+def test_generate_on_other_directories(tmp_path, capsys):
+    assert main(["generate", "--run_dir", str(tmp_path / "nope")]) == 2
+    one_line(capsys, "--run_dir", "not a directory")
+    (tmp_path / "layerwise_summary.json").write_text("{}")
+    assert main(["generate", "--run-dir", str(tmp_path)]) == 2
+    one_line(capsys, "--run_dir", "not a compare run", "visualize")
