@@ -58,6 +58,8 @@ def load_image(path: str | Path, flag: str = "--image", max_pixels: int = DEFAUL
             with _our_pixel_limit():
                 im.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(im))
+        except MemoryError:
+            raise InputError(f"not enough memory to decode its {w}x{h} pixels", flag=flag, value=str(path)) from None
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, a decoder's own limits, odd modes
             raise InputError(f"cannot decode image: {condense(exc)}", flag=flag, value=str(path)) from None
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:

@@ -191,15 +191,19 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
 
 def _load_refusal(exc: BaseException) -> str:
     """Why torch.load(weights_only=True) refused a file, in one line: the global it would not import (a pickled
-    class, function or `os.system` reference), or the loader's own reason."""
+    class, function or `os.system` reference), or the loader's own reason without its boilerplate."""
     text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"\bGLOBAL ([\w.]+)", text)
     if found:
         return f"contains code or objects that cannot be loaded safely (weights_only=True refused GLOBAL {found[1]})"
-    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    if found:
-        return (f"contains code or objects that cannot be loaded safely (weights_only=True refused it: "
-                f"{condense(found[1])})")
+    if "Weights only load failed" in text:  # torch's advice paragraphs around the one line that says why
+        reason = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+        why = [p for p in re.split(r"\n\s*\n", text) if p.strip() and not p.lstrip().startswith(
+            ("Weights only load failed", "Check the documentation"))]
+        detail = reason[1] if reason else why[0] if why else "unsupported content"
+        return f"contains code or objects that cannot be loaded safely (weights_only=True refused it: {condense(detail)})"
+    if isinstance(exc, EOFError):
+        return "ends before its data does (an empty or cut-short file)"
     return f"cannot be loaded with torch.load(weights_only=True): {condense(exc)}"
 
 
