@@ -1,0 +1,142 @@
+"""compare and generate against plain SAM 2, in one run, plus the disk each mode takes.
+
+On the chosen architecture at its image size with random weights saved as a real SAM 2 checkpoint and a W8A8
+checkpoint calibrated from it by `sam2-layerwise quantize` (one photograph):
+
+- plain: build the float model + SAM2ImagePredictor, then the fake-quantized model + predictor, one after the
+  other (what a user would run without this tool);
+- `compare --save-raw` and `compare --save-full-attn`, in-process, the same image and click;
+- `generate` on the light run (all layers and heads) and on the full run, against one plain float forward;
+  generate's peak memory (VmHWM) above what it held before, in a fresh process;
+- the size of each run directory.
+
+    .venv/bin/python benchmarks/bench_compare.py [--config configs/sam2.1/sam2.1_hiera_b+.yaml] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = REPO / "examples" / "images" / "coffee.png"
+QCFG = REPO / "examples" / "quantization" / "w8a8.yaml"
+POINTS = ["320", "240", "1"]
+
+
+def cli(*args) -> float:
+    from sam2_layerwise.cli.main import main
+
+    t = time.perf_counter()
+    code = main([*args, "-q"])
+    if code != 0:
+        raise SystemExit(f"{args[0]} failed with exit {code}")
+    return time.perf_counter() - t
+
+
+def plain_pair(config, fp_ckpt, q_ckpt) -> tuple[float, float]:
+    """(float + quantized plain runs including loading, one plain float forward)."""
+    import gc
+
+    from sam2_layerwise import build_model, load_image, parse_prompts, run_plain
+    from sam2_layerwise.quant import load_quant_config, load_quantized_model
+
+    image = load_image(IMAGE)
+    prompts = parse_prompts([float(v) for v in POINTS], None, None, image.shape[1], image.shape[0])
+    t0 = time.perf_counter()
+    model = build_model(config, str(fp_ckpt), device="cpu").model
+    t1 = time.perf_counter()
+    run_plain(model, image, prompts)
+    forward = time.perf_counter() - t1
+    del model
+    gc.collect()
+    loaded, _ = load_quantized_model(config, str(q_ckpt), load_quant_config(QCFG), device="cpu")
+    run_plain(loaded.model, image, prompts)
+    total = time.perf_counter() - t0
+    del loaded
+    gc.collect()
+    return total, forward
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def child_generate(run_dir: str) -> None:
+    """In a fresh process: generate's time and its peak resident memory above the start."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+
+    def vm(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    import sam2_layerwise.analysis.generate  # noqa: F401  (imports are not the run)
+    import sam2_layerwise.cli.main  # noqa: F401
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = vm("VmRSS")
+    seconds = cli("generate", "--run_dir", run_dir)
+    print(json.dumps({"seconds": seconds, "peak_mib": vm("VmHWM") - before}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/sam2.1/sam2.1_hiera_b+.yaml")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--child-generate", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_generate:
+        return child_generate(args.child_generate)
+
+    with tempfile.TemporaryDirectory(prefix="bench_compare_") as tmp:
+        tmp = Path(tmp)
+        fp, q = tmp / "float.pt", tmp / "w8a8.pt"
+        cli("init-checkpoint", "--config", args.config, "--output", str(fp), "--seed", "1")
+        t_quant = cli("quantize", "--config", args.config, "--checkpoint", str(fp), "--adaptive-qat-config",
+                      str(QCFG), "--calib-images", str(IMAGE), "--output", str(q))
+        base = ["compare", "--config-original", args.config, "--checkpoint-original", str(fp), "--config-quantized",
+                str(QCFG), "--checkpoint-quantized", str(q), "--image", str(IMAGE), "--points", *POINTS]
+        ratios, plain_s, forward_s, light_s = [], [], [], []
+        for _ in range(args.repeats):  # paired: plain and compare back to back
+            plain, forward = plain_pair(args.config, fp, q)
+            light = cli(*base, "--output-dir", str(tmp / "light"), "--save-raw")
+            plain_s.append(plain)
+            forward_s.append(forward)
+            light_s.append(light)
+            ratios.append(light / plain)
+        full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")
+        full16_s = cli(*base, "--output-dir", str(tmp / "full16"), "--save-full-attn", "--full-dtype", "fp16")
+        gens = {}
+        for name in ("light", "full"):
+            out = subprocess.run([sys.executable, __file__, "--child-generate", str(tmp / name)], check=True,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            gens[name] = json.loads(out)
+        forward = statistics.median(forward_s)
+        print(f"architecture {args.config}, {Path(IMAGE).name}, random weights; W8A8 calibrated in {t_quant:.1f} s")
+        print(f"plain float + quantized (load + predict each): {statistics.median(plain_s):.1f} s "
+              f"(one plain float forward {forward:.1f} s)")
+        print(f"compare --save-raw: {statistics.median(light_s):.1f} s -> {statistics.median(ratios):.2f} x plain "
+              f"(target <= 1.1)")
+        print(f"compare --save-full-attn: {full_s:.1f} s (fp16: {full16_s:.1f} s)")
+        print(f"generate, light run (all layers and heads): {gens['light']['seconds']:.2f} s (target <= 3 s), "
+              f"peak +{gens['light']['peak_mib']:.0f} MiB")
+        print(f"generate, full run: {gens['full']['seconds']:.1f} s -> {gens['full']['seconds'] / forward:.2f} x one "
+              f"plain forward (target <= 4), peak +{gens['full']['peak_mib']:.0f} MiB (target <= 1024)")
+        for name in ("light", "full", "full16"):
+            halves = {h: du(tmp / name / h) for h in ("original", "quantized")}
+            print(f"disk {name}: {du(tmp / name) / 2**20:.1f} MiB in all (original {halves['original'] / 2**20:.1f}, "
+                  f"quantized {halves['quantized'] / 2**20:.1f}, analysis {du(tmp / name / 'analysis') / 2**20:.1f})")
+
+
+if __name__ == "__main__":
+    main()
