@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import http.client
 import io
 import logging
 import math
@@ -147,13 +148,17 @@ def resolve_checkpoint(checkpoint: str) -> Path:
     if target.is_file():
         return target
     url = OFFICIAL[model_id][1]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"the download cache {target.parent} cannot be used ({condense(exc)}); set "
+                         f"SAM2_LAYERWISE_CACHE to a writable directory", flag="--checkpoint", value=checkpoint) from None
     log.info("downloading %s to %s", url, target)
     try:
         torch.hub.download_url_to_file(url, str(target) + ".part", progress=True)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise ModelError(f"download from {url} failed ({exc}); with no network, fetch that file elsewhere and "
-                         f"pass its path", flag="--checkpoint", value=checkpoint) from None
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+        raise ModelError(f"download from {url} failed ({condense(exc)}); with no network, fetch that file "
+                         f"elsewhere and pass its path", flag="--checkpoint", value=checkpoint) from None
     os.replace(str(target) + ".part", target)
     return target
 
@@ -324,7 +329,6 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     if getattr(model, "compile_image_encoder", False):
         raise ModelError("compile_image_encoder=True: torch.compile'd encoders run capture hooks badly; "
                          "set it to False", flag="--config", value=config)
-    _check_image_size(model, "--image-size" if overrides and "model.image_size" in overrides else "--config")
     if state is not None:
         if adapt_state is not None:
             state = adapt_state(model, state)
@@ -364,22 +368,11 @@ def _check_config_image_size(cfg, flag: str, config: str) -> None:
         raise ModelError(f"image_size {size} is outside 32..{MAX_IMAGE_SIZE} (SAM 2's own is 1024)", flag=flag,
                          value=shown)
     window = OmegaConf.select(cfg, "model.image_encoder.trunk.window_spec", default=None)
-    first = window[0] if window is not None and len(window) and isinstance(window[0], int) else 8  # Hiera's default
+    first = window[0] if OmegaConf.is_list(window) and len(window) and type(window[0]) is int else 8  # Hiera's default
     step = math.lcm(32, 4 * max(1, first))
     if size % step:
         raise ModelError(f"image_size must be a multiple of {step} for this Hiera (stride 32, first window "
                          f"{first} tokens of 4 px); e.g. {max(step, size // step * step)}", flag=flag, value=shown)
-
-
-def _check_image_size(model, flag: str) -> None:
-    """Hiera needs the stride-4 grid to tile whole first-stage windows and every stage to halve evenly."""
-    size = int(model.image_size)
-    trunk = getattr(getattr(model, "image_encoder", None), "trunk", None)
-    first = int(trunk.window_spec[0]) if trunk is not None and hasattr(trunk, "window_spec") else 1
-    step = math.lcm(32, 4 * first)
-    if size % step:
-        raise ModelError(f"image_size must be a multiple of {step} for this Hiera (stride 32, first window "
-                         f"{first} tokens of 4 px); e.g. {max(step, size // step * step)}", flag=flag, value=size)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
