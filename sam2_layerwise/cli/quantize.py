@@ -75,8 +75,9 @@ def add_arguments(p) -> None:
                    help="the FLOAT SAM 2 checkpoint to quantize (.pt or official model id)")
     add_qat_flag(p, required=True, help="the quantization config to calibrate (docs/quantization.md); its "
                                         "base_config is used when --config is omitted")
-    p.add_argument("--calib-images", nargs="+", required=True, metavar="PATH",
-                   help="calibration images: files and/or directories (their images, sorted by name)")
+    p.add_argument("--calib-images", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="calibration images: files and/or directories (their images, sorted by name); repeated "
+                        "--calib-images add up")
     p.add_argument("--output", required=True, help="where to write the quantized checkpoint (.pt)")
     p.add_argument("--max-calib-images", type=positive_int, default=64,
                    help="use at most this many images, in order (default %(default)s)")

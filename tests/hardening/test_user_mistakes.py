@@ -254,13 +254,16 @@ def test_a_refused_pickle_message_is_condensed_not_cut():
 
 
 # -- repeated flags -------------------------------------------------------------------------------------------
-def test_repeated_points_and_query_points_accumulate():
+def test_repeated_list_flags_accumulate():
     parser = build_parser()
     args = parser.parse_args(["visualize", "--image", "x.png", "--points", "1", "2", "1", "--points", "3", "4", "0",
                               "--query-points", "5", "6", "--query-points", "7", "8"])
     assert args.points == ["1", "2", "1", "3", "4", "0"] and args.query_points == ["5", "6", "7", "8"]
     args = parser.parse_args(["render", "--run-dir", "r", "--query-points", "1", "2", "--query-points", "3", "4"])
     assert args.query_points == ["1", "2", "3", "4"]
+    args = parser.parse_args(["quantize", "--checkpoint", "c.pt", "--adaptive-qat-config", "q.yaml", "--output", "o.pt",
+                              "--calib-images", "a.png", "b/", "--calib-images", "c.png"])
+    assert args.calib_images == ["a.png", "b/", "c.png"]
     args = parser.parse_args(["visualize", "--image", "x.png", "--points", "1", "2", "1", "--device", "cpu",
                               "--device", "cpu"])  # the same value twice drops nothing
     assert args.device == "cpu"
