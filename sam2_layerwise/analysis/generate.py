@@ -177,6 +177,25 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
     return out
 
 
+def saved_errors(run: CompareRun, pair: LayerPair) -> dict[str, torch.Tensor]:
+    """Light mode's q/k/v and output errors, measured by compare (the quantized summary's `compare.errors`)."""
+    table = ((run.summaries["quantized"].get("compare") or {}).get("errors") or {})
+    found = table.get(pair.q.get("file_stem") or pair.layer_key) if isinstance(table, dict) else None
+    out = {}
+    if not isinstance(found, dict):
+        return out
+    for name in ERRORS:
+        v = found.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, list) or len(v) != pair.heads or \
+                any(x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)) for x in v):
+            raise InputError(f"quantized/layerwise_summary.json: compare.errors of {pair.layer_key} is malformed",
+                             flag=FLAG, value=str(run.run_dir))
+        out[name] = torch.tensor([math.nan if x is None else float(x) for x in v], dtype=torch.float32)
+    return out
+
+
 def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
     fa = _load(run, "original", pair.fp, "attn", ("probs",))
     qa = _load(run, "quantized", pair.q, "attn", ("probs",))
@@ -187,21 +206,7 @@ def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
                          flag=FLAG, value=str(run.run_dir))
     labels = [str(d.get("label")) for d in pair.fp["queries"] if isinstance(d, dict)]
     per_query = {name: v for name, v in pair_metrics(p, q, k).items()}  # [n, heads]
-    errors = {}
-    fq = _load(run, "original", pair.fp, "qkv", ("q", "k", "v")) if (pair.fp.get("files") or {}).get("qkv") else None
-    qq = _load(run, "quantized", pair.q, "qkv", ("q", "k", "v")) if (pair.q.get("files") or {}).get("qkv") else None
-    if fq is not None and qq is not None:
-        for n in "qkv":
-            _same_shape(run, pair, n, fq[n], qq[n])
-        parts = _error_parts(fq, qq)
-        groups = [int(g) for g in fq.get("groups", [])]
-        gidx = [groups.index(int(d["group"])) for d in pair.fp["queries"] if int(d.get("group", -1)) in groups]
-        if len(gidx) == p.shape[0] and p.shape[-1] == fq["v"].shape[-2]:
-            # the attention output of each selected row: probs [n, h, Nk] @ v of its group [n, h, Nk, d_v]
-            of = torch.einsum("nhk,nhkd->nhd", p, _float(fq["v"])[gidx])
-            oq = torch.einsum("nhk,nhkd->nhd", q, _float(qq["v"])[gidx])
-            parts["out_rel_err"] = sq_err_parts(of, oq, (0, 2))
-        errors = {n: relative_error_from_parts(*v) for n, v in parts.items()}
+    errors = saved_errors(run, pair)
     return LayerResult(pair=pair, heads=list(range(pair.heads)), scope="selected queries", per_query=per_query,
                        query_labels=labels, errors=errors, all_queries=_all_query_stats(run, pair, fa, qa))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from sam2_layerwise.errors import CaptureError, LayerwiseError
@@ -93,6 +94,41 @@ def _attach_probs_quantizers(cap, qm) -> None:
             rec.full_qkv["probs_quantizer"] = fq.to_payload() if fq is not None else None
 
 
+def _kept(cap) -> dict:
+    """What the float half leaves for the quantized half to be measured against: per call, the selected rows
+    and the q/k/v of the groups holding them (in memory only; windows, or the whole grid of a global block)."""
+    return {(r.layer_key, r.call_index): (r.probs, r.qkv, [q.group for q in r.queries]) for r in cap.attention}
+
+
+def selected_errors(kept: dict, cap) -> dict:
+    """Per quantized call (by file stem): relative error ||Q - FP|| / ||FP|| per head of q, k, v over the groups
+    holding the selected queries, and of the attention output probs @ v over the selected rows."""
+    from sam2_layerwise.metrics import relative_error
+
+    out = {}
+    for rec in cap.attention:
+        fp_probs, fp_qkv, groups = kept[rec.layer_key, rec.call_index]
+        if fp_qkv is None or rec.qkv is None or fp_qkv["q"].shape != rec.qkv["q"].shape:
+            continue
+        errs = {f"{n}_rel_err": relative_error(fp_qkv[n].float(), rec.qkv[n].float(), (0, 2, 3)).tolist()
+                for n in ("q", "k", "v")}
+        if groups:
+            gi = [fp_qkv["groups"].index(g) for g in groups]
+            of = torch.einsum("nhk,nhkd->nhd", fp_probs, fp_qkv["v"].float()[gi])  # [n, heads, d_v]
+            oq = torch.einsum("nhk,nhkd->nhd", rec.probs, rec.qkv["v"].float()[gi])
+            errs["out_rel_err"] = relative_error(of, oq, (0, 2)).tolist()
+        out[rec.file_stem] = {**errs, "over": "q/k/v: the groups holding the selected queries; out: the selected rows"}
+    return out
+
+
+def _drop_whole_grid_qkv(cap, full: bool) -> None:
+    """Saved q/k/v: none in full mode (the full tensors hold them); in light mode only windows (a few KiB each),
+    not the whole grid of global blocks and the decoder (tens of MiB), which the errors above already measured."""
+    for rec in cap.attention:
+        if full or (rec.qkv is not None and rec.q_shape[0] == 1):
+            rec.qkv = None
+
+
 def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir: Path, *, args) -> dict:
     """Capture each model in turn into `out_dir/<name>/`; write `manifest.json` last. Returns a small report."""
     from sam2_layerwise import layers as layer_sel
@@ -130,7 +166,7 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 cap = capture_image(loaded.model, image, prompts, options, multimask=not args.single_mask,
                                     precision=args.precision, on_record=lambda r: bar.update(1))
             if selection is None:
-                selection = _selection(cap)
+                selection, kept = _selection(cap), _kept(cap)
             elif _selection(cap) != selection:
                 raise CaptureError("the two models selected different query tokens (their architectures differ); "
                                    "compare needs the quantized twin of the original model",
@@ -139,6 +175,9 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
             if qm is not None:
                 extra.update(annotate_capture(cap, qm))
                 _attach_probs_quantizers(cap, qm)
+                extra["compare"]["errors"] = selected_errors(kept, cap)
+                del kept
+            _drop_whole_grid_qkv(cap, full)
             write_image_run(writer.sub(spec.name), cap, image, model_info=loaded.describe(), image_info=image_info,
                             opts=out_opts, command=["sam2-layerwise", *getattr(args, "argv", [])],
                             extra_summary=extra)

@@ -7,7 +7,7 @@ import argparse
 import logging
 import time
 
-from sam2_layerwise.cli.common import add_model_flags, setup_logging
+from sam2_layerwise.cli.common import device_name, setup_logging
 from sam2_layerwise.errors import InputError, ModelError
 
 log = logging.getLogger("sam2_layerwise")
@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
                       help="full mode: also q/k/v of every group, so any query row can be recomputed exactly later")
     p.add_argument("--full-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="dtype of full mode's q/k/v: fp32 (exact, default) or fp16 (half the disk, inexact)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (default) or bf16 autocast (CUDA only)")
     donor = argparse.ArgumentParser(add_help=False)
@@ -86,8 +87,7 @@ def prepare(args):
         raise ModelError(f"disagrees with the quantization config's base_config ({qcfg.base_config})",
                          flag="--config-original", value=args.config_original)
     out_dir = check_output_dir(args.output_dir, "--output-dir", COMPARE_RUN)
-    kw = {"max_pixels": args.max_pixels} if getattr(args, "max_pixels", None) else {}
-    image = load_image(args.image, **kw)
+    image = load_image(args.image, max_pixels=args.max_pixels)
     h, w = image.shape[:2]
     prompts = parse_prompts(args.points, args.box, args.query_points, w, h)
     return qcfg, image, prompts, out_dir

@@ -123,7 +123,7 @@ def run(args) -> int:
     out = check_output_file(args.output, "--output")  # before calibration, not after it
     parent = out.parent
     files = calibration_files(args.calib_images, args.max_calib_images)
-    images = [load_image(f, flag="--calib-images") for f in files]
+    images = [load_image(f, flag="--calib-images", max_pixels=args.max_pixels) for f in files]
 
     t0 = time.perf_counter()
     overrides = {"model.image_size": args.image_size} if args.image_size else None
