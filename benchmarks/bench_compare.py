@@ -65,7 +65,13 @@ def plain_pair(config, fp_ckpt, q_ckpt) -> tuple[float, float]:
 
 
 def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes on disk of the files under `path`, hard links (attn_tensors/all/) counted once."""
+    seen = {}
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            seen[st.st_dev, st.st_ino] = st.st_size
+    return sum(seen.values())
 
 
 def child_generate(run_dir: str) -> None:
