@@ -48,6 +48,7 @@ def run(args) -> int:
     from sam2_layerwise.analysis.generate import GenerateOptions, analyse, write_analysis
     from sam2_layerwise.store.compare_run import COMPARE_RUN, open_compare_run
     from sam2_layerwise.store.layout import RunWriter
+    from sam2_layerwise.viewer.export import write_compare_viewer
 
     setup_logging(args.quiet)
     opts = GenerateOptions(layers=args.layers, heads=args.heads, topk=args.topk, rank=args.rank,
@@ -59,6 +60,7 @@ def run(args) -> int:
         result = analyse(run_, opts, on_layer=lambda pair: bar.update(1))
     with writer:
         metrics = write_analysis(run_, result, opts, writer, ["sam2-layerwise", *getattr(args, "argv", [])])
+        write_compare_viewer(run_, result, writer, opts.output)  # the browser viewer: OUTPUT/index.html
     files = metrics["files"]
     imp = metrics["output_impact"]
     log.info("measured %d layers x heads (%s) in %.1f s; wrote %s/ in %s: metrics.json, metrics_heads.csv, "
@@ -70,6 +72,9 @@ def run(args) -> int:
     for r in metrics["ranking"][:5]:
         log.info("  %d. %s head %d  JS %s  q/k/v err %s/%s/%s", r["rank"], r["layer_key"], r["head"],
                  _fmt(r["js_mean"]), _fmt(r["q_rel_err"]), _fmt(r["k_rel_err"]), _fmt(r["v_rel_err"]))
+    log.info("viewer: %s (opens from disk); click anywhere with: sam2-layerwise view %s%s",
+             run_.run_dir / opts.output / "index.html", run_.run_dir,
+             f" --page {opts.output}" if opts.output != "analysis" else "")
     return 0
 
 

@@ -46,7 +46,7 @@ run 'sam2-layerwise COMMAND --help' for a command's flags."""
 
 def _commands():
     """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
-    from sam2_layerwise.cli import compare, generate, init_checkpoint, quantize, render, visualize, visualize_quantized
+    from sam2_layerwise.cli import compare, generate, init_checkpoint, quantize, render, view, visualize, visualize_quantized
 
     return {
         "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
@@ -57,6 +57,8 @@ def _commands():
                              "with both (the seed's compare_quantization.py)"),
         "generate": (generate, "per layer and head metrics of a compare run (JS, entropy, top-k, q/k/v error), "
                                "output impact, tables and plots"),
+        "view": (view, "serve a run's viewer page locally: browse layers and heads, click any point of the photograph "
+                       "to see both models' attention there (recomputed from saved q/k, no model)"),
         "quantize": (quantize, "calibrate a quantized checkpoint from a float one on a few images (post-training)"),
         "init-checkpoint": (init_checkpoint, "write a randomly initialised checkpoint in SAM 2's format (tests, benchmarks)"),
     }

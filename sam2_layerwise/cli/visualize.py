@@ -56,6 +56,8 @@ def add_arguments(p) -> None:
     p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
     p.add_argument("--image-size", type=image_size, default=None,
                    help="override the config's image_size (a multiple of 32 that fits the Hiera windows, at most 4096)")
+    p.add_argument("--viewer", action="store_true",
+                   help="write the browser viewer into the run (viewer/index.html; 'sam2-layerwise view' serves it)")
     add_render_arguments(p)
 
 
@@ -107,7 +109,8 @@ def run(args) -> int:
     plan = render_plan(args)
     # q/k are kept in memory when drawing: decoder image->token maps need every image query's attention
     options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
-                             all_query_stats=args.query_stats == "all", keep_qkv=args.save_qkv or plan.active,
+                             all_query_stats=args.query_stats == "all",
+                             keep_qkv=args.save_qkv or plan.active or getattr(args, "viewer", False),
                              layers=None if args.layers is None else tuple(chosen))
     log.info("model: %s (%s, %.1f M parameters) on %s; capturing %d attention modules",
              loaded.config_path.name, "RANDOM WEIGHTS" if loaded.random_init else loaded.checkpoint_path,
@@ -129,7 +132,9 @@ def run(args) -> int:
             opts=opts, command=["sam2-layerwise", *getattr(args, "argv", [])],
             extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {}),
                            **annotate_capture(cap, quant)},
-            before_summary=lambda w: _timed(timing, "render", lambda: render_capture(w, cap, image, plan)),
+            before_summary=lambda w: {**(_timed(timing, "render", lambda: render_capture(w, cap, image, plan)) or {}),
+                                      **(_timed(timing, "viewer", lambda: _viewer(w, cap, image, args, out_dir))
+                                         if getattr(args, "viewer", False) else {})},
         )
     report_run(summary, cap, t_capture, writer, out_dir, loaded.random_init)
     return 0
@@ -152,6 +157,16 @@ def report_run(summary: dict, cap, seconds: float, writer, out_dir, random_init:
     log.info("wrote %d files to %s (summary: %s)", len(writer.written), out_dir, out_dir / "layerwise_summary.json")
     if random_init:
         log.warning("note: RANDOM WEIGHTS were used (--random-init)")
+
+
+def _viewer(writer, cap, image, args, out_dir) -> dict:
+    """visualize --viewer: the browser viewer of this capture in viewer/ (from the records in memory)."""
+    from sam2_layerwise.viewer.export import write_capture_viewer
+
+    files = write_capture_viewer(writer, cap, image, qkv_saved=args.save_qkv, title=Path(out_dir).name)
+    log.info("viewer: %s (opens from disk); click anywhere in saved windows with: sam2-layerwise view %s",
+             Path(out_dir) / files["viewer"], out_dir)
+    return files
 
 
 def _timed(timing: dict, key: str, fn):

@@ -30,9 +30,10 @@ ATTN_TENSORS = "attn_tensors"
 ATTN_IMAGES = "attn_images"
 ATTN_OVERLAYS = "attn_overlays"
 ATTN_TOPK = "attn_topk"
+VIEWER = "viewer"  # visualize --viewer: the browser viewer (index.html + viewer_data/)
 
 # Entries a run owns in its output directory; a new run replaces all of them (stale ones are removed).
-MANAGED = (SUMMARY, PREDICTIONS, PREDICTION_IMAGES, ATTN_TENSORS, ATTN_IMAGES, ATTN_OVERLAYS, ATTN_TOPK)
+MANAGED = (SUMMARY, PREDICTIONS, PREDICTION_IMAGES, ATTN_TENSORS, ATTN_IMAGES, ATTN_OVERLAYS, ATTN_TOPK, VIEWER)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")

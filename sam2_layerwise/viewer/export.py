@@ -1,0 +1,468 @@
+"""Precompute what the browser viewer shows, into a folder of a run: `index.html` and `viewer_data/`.
+
+    <out>/index.html                 the page (a copy of viewer/static/index.html; opens from disk)
+    <out>/viewer_data/viewer.js, viewer.css
+    <out>/viewer_data/index.js       the run: frame, prompts, masks, metrics table, ranking, impact, layer list
+    <out>/viewer_data/layers/L<i>.js one attention call each, loaded when the page selects it
+    <out>/viewer_data/photo.jpg      the photograph, long side at most 1024 px
+    <out>/viewer_data/masks/<side>_<i>.png  each model's masks, tinted, at the photo's display size
+
+Data files are JavaScript that call `SAM2LW.register(kind, id, data)`: a page opened as a file cannot fetch()
+its neighbours, but it can load <script> files. Every map is computed here by the renderer's own code
+(`render.maps.build_maps`: window, q-pooling, padding, decoder token roles), so the page only places values
+that are already on their key grid. Values travel as little-endian float32, base64.
+
+A map entry (one query of one attention call, both sides):
+    label, kind ("query" an image place, "token" a decoder token, "to_token" image tokens attending to a token),
+    display "grid" (values on a key grid: grid_hw incl. window padding, real_hw without it, block
+    [r0, r1, c0, c1) the values cover, row-major) or "tokens" (values over `roles`),
+    token (where the query sits: cell, grid_hw, group, index, pixel_box, key_block, source_cells, window_rc),
+    query_box / query_cells / marks (what the PNG renderer outlines), notes per side (recomputed, pooled),
+    heads: [{head: null (mean) | h, fp: b64, q: b64}].
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import logging
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from sam2_layerwise.geometry import HieraLayerGeometry, ImageFrame
+from sam2_layerwise.render.maps import AttentionMap, MapOptions, RecordView, build_maps
+from sam2_layerwise.store.atomic import atomic_write_bytes
+
+log = logging.getLogger("sam2_layerwise")
+
+SCHEMA = "sam2-layerwise/viewer"
+VERSION = 1
+DATA = "viewer_data"
+STATIC = ("index.html", "viewer.js", "viewer.css")
+PHOTO_SIDE = 1024  # the photograph's long side in the page, as the PNG overlays
+MAP_OPTIONS = MapOptions(max_queries=None, per_head=True, max_tokens=1 << 62)  # never pool: the page shows tokens
+MASK_RGB = {"fp": (30, 144, 255), "q": (255, 140, 0)}
+CMAPS = {"attn": "plasma", "seq": "viridis", "div": "RdBu_r"}  # the renderer's and the plots' colormaps
+
+# Heatmap columns: (metric, label, diverging). Only columns with a finite value somewhere are shown.
+COMPARE_COLUMNS = [
+    ("js_mean", "JS divergence, mean over queries (bits)", False),
+    ("js_p95", "JS divergence, 95th percentile (bits)", False),
+    ("js_max", "JS divergence, max (bits)", False),
+    ("entropy_norm_delta", "Δ normalised entropy (Q − FP)", True),
+    ("entropy_norm_fp", "normalised entropy, FP", False),
+    ("entropy_norm_q", "normalised entropy, Q", False),
+    ("topk_overlap", "top-k overlap |T_k(FP) ∩ T_k(Q)| / k", False),
+    ("q_mass_on_fp_topk", "Q's mass on FP's top-k", False),
+    ("topk_mass_fp", "top-k mass, FP", False),
+    ("topk_mass_q", "top-k mass, Q", False),
+    ("q_rel_err", "q relative error ‖Q − FP‖ / ‖FP‖", False),
+    ("k_rel_err", "k relative error", False),
+    ("v_rel_err", "v relative error", False),
+    ("out_rel_err", "attention output relative error", False),
+    ("all_queries_entropy_norm_delta", "Δ normalised entropy over every query", True),
+    ("all_queries_topk_mass_delta", "Δ top-k mass over every query", True),
+    ("all_queries_max_prob_delta", "Δ max probability over every query", True),
+]
+SINGLE_COLUMNS = [
+    ("entropy_norm", "normalised entropy, mean over every query", False),
+    ("max_prob", "max probability, mean over every query", False),
+    ("topk_mass", "top-k mass, mean over every query", False),
+    ("entropy", "entropy (nats), mean over every query", False),
+]
+TOKEN_KINDS = ("decoder_self", "decoder_token_to_image")  # queries are decoder tokens, not image places
+
+
+# -- values ---------------------------------------------------------------------------------------------------
+def b64(values: np.ndarray) -> str:
+    """float values (any shape, row-major) -> base64 of little-endian float32."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _finite(v):
+    """JSON numbers: NaN/inf -> None; numpy scalars -> Python."""
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def js_file(kind: str, ident: str, data) -> bytes:
+    """A data file the page loads with a <script> tag. JSON is JavaScript; `</` is escaped so the text stays
+    inert even if a file is ever inlined into HTML."""
+    text = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    text = text.replace("</", "<\\/")
+    return f"SAM2LW.register({json.dumps(kind)},{json.dumps(ident)},{text});\n".encode()
+
+
+# -- where a query sits -----------------------------------------------------------------------------------
+def token_info(kind: str, geometry: dict, spec: dict | None) -> dict | None:
+    """An image query's place: cell on its query grid (grid_hw), group/index in q, pixel box (original
+    pixels), the key block it attends over and, for windowed blocks, the window (row, col)."""
+    if spec is None or spec.get("cell") is None:
+        return None
+    info = {"label": spec.get("label"), "cell": list(spec["cell"]), "group": spec.get("group"),
+            "index": spec.get("index"), "pixel_box": spec.get("pixel_box"), "key_block": spec.get("key_block"),
+            "source_cells": spec.get("source_cells"), "window_rc": None, "grid_hw": None}
+    if kind.startswith("hiera"):
+        hg = HieraLayerGeometry.from_dict(geometry)
+        info["grid_hw"] = list(hg.out_hw)
+        if hg.window and spec.get("key_block"):
+            info["window_rc"] = [spec["key_block"][0] // hg.window, spec["key_block"][2] // hg.window]
+    elif geometry.get("query_grid_hw"):
+        info["grid_hw"] = list(geometry["query_grid_hw"])
+    return info
+
+
+def _entry(m: AttentionMap, view: RecordView, spec: dict | None) -> dict:
+    kind = "to_token" if m.label.startswith("to_") and spec is None else "query" if spec and spec.get("cell") \
+        is not None else "token"
+    e = {"label": m.label, "kind": kind, "display": m.display, "token": token_info(view.kind, view.geometry, spec),
+         "query_box": m.query_box, "query_cells": m.query_cells, "window": m.window,
+         "marks": [list(p) for p in m.marks], "notes": {}, "heads": []}
+    if m.display == "grid":
+        gh, gw = m.grid.shape
+        e.update(grid_hw=[gh, gw], real_hw=list(m.real_hw), block=list(m.window or [0, gh, 0, gw]))
+    else:
+        e["roles"] = list(m.token_roles)
+    return e
+
+
+def _values(m: AttentionMap, e: dict) -> np.ndarray:
+    if e["display"] == "grid":
+        r0, r1, c0, c1 = e["block"]
+        return m.grid[r0:r1, c0:c1]  # [bh, bw] on the key grid, row-major
+    return np.asarray(m.token_values, dtype=np.float32)
+
+
+def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> list[dict]:
+    """Every map of one attention call for each side ("fp", and "q" when present), paired by name and grouped
+    by query: head mean first, then every head."""
+    sides = list(views)
+    maps = {side: build_maps(v, frame, MAP_OPTIONS, prompts=prompts) for side, v in views.items()}
+    by_name = {side: {m.name: m for m in ms} for side, ms in maps.items()}
+    specs = {q["label"]: q for q in views[sides[0]].queries}
+    entries: dict[str, dict] = {}
+    for m in maps[sides[0]]:
+        pair = {side: by_name[side].get(m.name) for side in sides}
+        if any(x is None for x in pair.values()):
+            continue  # a map one side could not draw (its q/k were not saved): nothing to compare
+        e = entries.get(m.label)
+        if e is None:
+            e = entries[m.label] = _entry(m, views[sides[0]], specs.get(m.label))
+        if m.head is None:  # what the renderer's title adds after the head: recomputed, pooled, quantizer missing
+            e["notes"] = {side: x.title.partition("head mean")[2].strip(" ,") for side, x in pair.items()}
+        e["heads"].append({"head": m.head, **{side: b64(_values(x, e)) for side, x in pair.items()}})
+    return list(entries.values())
+
+
+def click_support(kind: str, full: bool, qkv: dict | None, geometry: dict) -> dict:
+    """What a click on the photograph can compute at this call: "any" place (every group saved), "saved"
+    windows only (with their key blocks), "none" (no q/k saved) or "tokens" (queries are decoder tokens)."""
+    if kind in TOKEN_KINDS:
+        return {"mode": "tokens"}
+    if not (kind.startswith("hiera") or kind == "decoder_image_to_token"):
+        return {"mode": "none"}
+    if full:
+        return {"mode": "any"}
+    if not qkv:
+        return {"mode": "none"}
+    groups = [int(g) for g in qkv.get("groups", [])]
+    if kind == "decoder_image_to_token" or (kind.startswith("hiera") and not geometry.get("window")):
+        return {"mode": "any" if 0 in groups else "none"}
+    hg = HieraLayerGeometry.from_dict(geometry)
+    return {"mode": "saved", "blocks": [list(hg.key_rows_cols(g)) for g in groups if g < hg.groups]}
+
+
+# -- pictures ---------------------------------------------------------------------------------------------
+def photo_jpeg(photo: np.ndarray | None, frame: ImageFrame) -> tuple[bytes, tuple[int, int]]:
+    """The photograph with its long side at most PHOTO_SIDE (a grey stand-in of the right shape when the
+    photograph is not available), as JPEG bytes and its (width, height)."""
+    from PIL import Image
+
+    from sam2_layerwise.render.attention import fit_photo
+
+    if photo is None:
+        s = min(1.0, PHOTO_SIDE / max(frame.orig_w, frame.orig_h))
+        img = Image.new("RGB", (max(1, round(frame.orig_w * s)), max(1, round(frame.orig_h * s))), (96, 96, 96))
+    else:
+        img, _ = fit_photo(photo, PHOTO_SIDE)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), img.size
+
+
+def mask_png(mask: np.ndarray, size: tuple[int, int], rgb: tuple[int, int, int]) -> bytes:
+    """[H, W] bool mask -> RGBA PNG at `size` (nearest): the colour at alpha 0.55 inside, opaque on the edge."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0  # [h, w]
+    pad = np.pad(small, 1, mode="edge")
+    edge = small & ~(pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:])
+    out = np.zeros((*small.shape, 4), dtype=np.uint8)
+    out[small, :3] = rgb
+    out[small, 3] = 140
+    out[edge, 3] = 255
+    buf = io.BytesIO()
+    Image.fromarray(out, "RGBA").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def colormap_hex(name: str) -> str:
+    """256 RGB entries of a matplotlib colormap as one hex string (the page's lookup table)."""
+    from sam2_layerwise.render.colors import check_cmap
+
+    rgb = check_cmap(name)(np.linspace(0, 1, 256), bytes=True)[:, :3]
+    return rgb.astype(np.uint8).tobytes().hex()
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+class ViewerWriter:
+    """Writes one viewer folder `out` through a RunWriter (files are staged and appear with the run)."""
+
+    def __init__(self, writer, out: str):
+        self.writer, self.out = writer, out.strip("/")
+        self.files: list[str] = []
+
+    def rel(self, name: str) -> str:
+        """A path relative to the page (what the page's data names)."""
+        return f"{DATA}/{name}"
+
+    def write(self, name: str, data: bytes) -> str:
+        rel = f"{self.out}/{name}"
+        atomic_write_bytes(data, self.writer.path(rel))
+        self.files.append(rel)
+        return rel
+
+    def static(self) -> None:
+        pkg = resources.files("sam2_layerwise.viewer") / "static"
+        for name in STATIC:
+            data = (pkg / name).read_bytes()
+            self.write(name if name == "index.html" else f"{DATA}/{name}", data)
+
+
+def layer_label(name: str, layer_key: str, call_index: int, kind: str) -> str:
+    """The readable layer name the analysis tables and plots use (`trunk.blocks.12 (global)`)."""
+    from sam2_layerwise.analysis.generate import LayerPair
+
+    return LayerPair(order=0, layer_key=layer_key, call_index=call_index, name=name, kind=kind, heads=0,
+                     fp={}, q={}).label
+
+
+def write_layers(vw: ViewerWriter, calls: list[dict], frame: ImageFrame, prompts) -> list[dict]:
+    """calls: [{key, call, name, kind, heads, views {side: RecordView | None}, click}] in model order ->
+    the index's layer list; each call's maps go to `layers/L<i>.js`."""
+    layers = []
+    for i, c in enumerate(calls):
+        ident = f"L{i:03d}"
+        views = {side: v for side, v in c["views"].items() if v is not None}
+        entries = map_entries(views, frame, prompts) if len(views) == len(c["views"]) and views else []
+        geo = c["geometry"]
+        data = {"id": ident, "key": c["key"], "call": c["call"], "kind": c["kind"], "heads": c["heads"],
+                "geometry": {k: geo.get(k) for k in ("keys", "key_grid_hw", "padded_key_grid_hw", "query_grid_hw",
+                                                     "window", "q_stride", "windows_hw", "query_roles", "key_roles")},
+                "maps": entries}
+        file = None
+        if entries:
+            vw.write(f"{DATA}/layers/{ident}.js", js_file("layer", ident, data))
+            file = vw.rel(f"layers/{ident}.js")
+        layers.append({"id": ident, "key": c["key"], "call": c["call"], "label": c["label"], "kind": c["kind"],
+                       "heads": c["heads"], "file": file, "click": c["click"],
+                       "queries": [e["label"] for e in entries],
+                       "note": None if entries else "no attention saved for this call"})
+    return layers
+
+
+def write_pictures(vw: ViewerWriter, photo, photo_note: str | None, frame: ImageFrame,
+                   sides: list[dict]) -> dict:
+    """photo.jpg and the tinted masks; returns the index's photo entry and fills each side's `masks`."""
+    jpeg, size = photo_jpeg(photo, frame)
+    vw.write(f"{DATA}/photo.jpg", jpeg)
+    for side in sides:
+        masks = side.pop("mask_arrays", None)
+        side["masks"] = []
+        if masks is None:
+            continue
+        for i, m in enumerate(masks):
+            name = f"masks/{side['id']}_{i}.png"
+            vw.write(f"{DATA}/{name}", mask_png(m, size, MASK_RGB.get(side["id"], MASK_RGB["fp"])))
+            ious = side.get("pred_iou") or []
+            side["masks"].append({"src": vw.rel(name), "index": i, "area": float(m.mean()),
+                                  "pred_iou": ious[i] if i < len(ious) else None})
+    return {"src": vw.rel("photo.jpg"), "width": size[0], "height": size[1], "note": photo_note}
+
+
+def heatmap_table(rows: list[dict], layers: list[dict], columns) -> dict:
+    """rows: one per (layer_key, call_index, head) with metric columns -> {layers: [layer ids in model order],
+    heads: max heads, columns: [{key, label, diverging}], values: {key: [[value per head] per layer]}}."""
+    ids = {(l["key"], l["call"]): l["id"] for l in layers}
+    order = [l["id"] for l in layers]
+    present: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        ident = ids.get((r["layer_key"], int(r.get("call_index") or 0)))
+        if ident is not None:
+            present.setdefault(ident, {})[int(r["head"])] = r
+    hm_layers = [i for i in order if i in present]
+    n_heads = max((h + 1 for d in present.values() for h in d), default=0)
+    cols, values = [], {}
+    for key, label, diverging in columns:
+        grid = [[_num(present[i].get(h, {}).get(key)) if h in present[i] else None for h in range(n_heads)]
+                for i in hm_layers]
+        if any(v is not None for row in grid for v in row):
+            cols.append({"key": key, "label": label, "diverging": diverging})
+            values[key] = grid
+    heads_of = {i: sorted(present[i]) for i in hm_layers}
+    return {"layers": hm_layers, "heads": n_heads, "present": [heads_of[i] for i in hm_layers], "columns": cols,
+            "values": values}
+
+
+def _num(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def write_index(vw: ViewerWriter, index: dict) -> None:
+    base = {"schema": SCHEMA, "version": VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cmaps": {k: colormap_hex(v) for k, v in CMAPS.items()}, "cmap_names": CMAPS}
+    vw.write(f"{DATA}/index.js", js_file("index", "index", {**base, **index}))
+    vw.static()
+
+
+# -- a compare run (generate) ---------------------------------------------------------------------------------
+def _load_masks(run, half_name: str, summary: dict, frame: ImageFrame):
+    """masks [M, H, W] bool and predicted IoUs of one half, or (None, note) when they cannot be read."""
+    import torch
+
+    from sam2_layerwise.store.atomic import safe_load
+    from sam2_layerwise.store.layout import PREDICTIONS
+
+    rel = (summary.get("prediction") or {}).get("file", PREDICTIONS)
+    try:
+        pred = safe_load(run.path(half_name, rel))
+        masks = pred["masks"]
+        ious = pred["iou_predictions"]
+        if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or tuple(masks.shape[1:]) != (frame.orig_h,
+                                                                                                frame.orig_w):
+            raise ValueError("masks do not fit the photograph")
+        return masks.bool().numpy(), [_num(v) for v in torch.as_tensor(ious).flatten().tolist()]
+    except Exception as exc:  # noqa: BLE001 - a damaged prediction file costs the masks, not the page
+        log.warning("viewer: %s/%s: cannot show its masks (%s)", half_name, rel, exc)
+        return None, []
+
+
+def _compare_photo(run, frame: ImageFrame):
+    """The photograph the manifest names, if it is still there and is the same file (SHA-256)."""
+    from sam2_layerwise.inputs import load_image
+    from sam2_layerwise.store.compare_run import sha256_file
+
+    image = run.manifest.get("image") or {}
+    path = Path(str(image.get("path") or ""))
+    if not image.get("path") or not path.is_file():
+        return None, f"photograph not found ({path}); shown on grey"
+    if image.get("sha256") and sha256_file(path) != image["sha256"]:
+        return None, f"photograph {path} changed since the capture (SHA-256 differs); shown on grey"
+    try:
+        photo = load_image(path)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"photograph {path} cannot be read ({exc}); shown on grey"
+    if photo.shape[:2] != (frame.orig_h, frame.orig_w):
+        return None, f"photograph {path} is not {frame.orig_w}x{frame.orig_h} any more; shown on grey"
+    return photo, None
+
+
+def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
+    """The viewer of a compare run, next to `generate`'s tables in `out/`: `run` is the CompareRun, `result`
+    what `analysis.generate.analyse` returned. Returns the files written (run-relative)."""
+    from sam2_layerwise.render.saved import saved_views
+
+    vrun = _open_halves(run)
+    vw = ViewerWriter(writer, out)
+    views = {h.side: {(v.layer_key, v.call_index): v for v in saved_views(h.saved)} for h in vrun.halves}
+    calls = []
+    full = run.mode == "full"
+    for key, call in vrun.order:
+        entry = vrun.halves[0].entries[(key, call)]
+        side_views = {h.side: views[h.side].get((key, call)) for h in vrun.halves}
+        fp_view = side_views["fp"]
+        has_full = full and all("full" in (h.entries[(key, call)].get("files") or {}) for h in vrun.halves)
+        calls.append({"key": key, "call": call, "name": entry.get("name", key), "kind": entry["kind"],
+                      "heads": entry["heads"], "geometry": entry["geometry"], "views": side_views,
+                      "label": layer_label(entry.get("name", key), key, call, entry["kind"]),
+                      "click": click_support(entry["kind"], has_full, fp_view.qkv if fp_view else None,
+                                             entry["geometry"])})
+    del views
+    layers = write_layers(vw, calls, vrun.frame, vrun.prompts)
+    photo, note = _compare_photo(run, vrun.frame)
+    sides = []
+    for h in vrun.halves:
+        masks, ious = _load_masks(run, "original" if h.side == "fp" else "quantized", h.summary, vrun.frame)
+        sides.append({"id": h.side, "title": h.title, "mask_arrays": masks, "pred_iou": ious,
+                      "best": (h.summary.get("prediction") or {}).get("best")})
+    photo_entry = write_pictures(vw, photo, note, vrun.frame, sides)
+    models = run.manifest.get("models") or {}
+    index = {
+        "kind": "compare", "mode": run.mode, "title": f"{run.run_dir.name}: float vs quantized ({run.mode} mode)",
+        "run_name": run.run_dir.name, "frame": vrun.frame.to_dict(), "photo": photo_entry,
+        "prompts": vrun.prompts.to_dict(), "sides": sides, "layers": layers,
+        "models": {side: {k: (models.get(half) or {}).get(k) for k in ("config", "checkpoint")}
+                   for half, side in (("original", "fp"), ("quantized", "q"))},
+        "quantization": (run.manifest.get("quantization_config") or {}).get("path"),
+        "heatmap": heatmap_table(result["heads"], layers, COMPARE_COLUMNS), "heatmap_default": "js_mean",
+        "scope": result["heads"][0]["scope"] if result["heads"] else None,
+        "ranking": result["ranking"], "impact": result["impact"], "topk": result.get("k"),
+    }
+    write_index(vw, index)
+    return vw.files
+
+
+def _open_halves(run):
+    """The ViewerRun of an already opened CompareRun (its halves read by `render.saved.open_run`)."""
+    from sam2_layerwise.viewer.source import open_viewer_run
+
+    return open_viewer_run(run.run_dir, flag="--run_dir")
+
+
+# -- a single visualize run -----------------------------------------------------------------------------------
+def write_capture_viewer(writer, cap, image: np.ndarray, *, qkv_saved: bool, out: str = "viewer",
+                         title: str | None = None) -> dict:
+    """The viewer of one capture (`visualize --viewer`), from the records in memory, written into `out/`
+    of the run. `qkv_saved`: the run saves q/k/v (then `view` recomputes clicks in the saved windows)."""
+    vw = ViewerWriter(writer, out)
+    calls, rows = [], []
+    for r in cap.attention:
+        view = RecordView.from_record(r)
+        calls.append({"key": r.layer_key, "call": r.call_index, "name": r.name, "kind": r.kind, "heads": r.heads,
+                      "geometry": r.geometry, "views": {"fp": view},
+                      "label": layer_label(r.name, r.layer_key, r.call_index, r.kind),
+                      "click": click_support(r.kind, False, r.qkv if qkv_saved else None, r.geometry)})
+        for h in range(r.heads):
+            rows.append({"layer_key": r.layer_key, "call_index": r.call_index, "head": h,
+                         **{stat: (r.head_stats.get(stat) or {}).get("mean", [None] * r.heads)[h]
+                            for stat, _, _ in SINGLE_COLUMNS}})
+    layers = write_layers(vw, calls, cap.frame, cap.prompts)
+    pred = cap.prediction
+    sides = [{"id": "fp", "title": "model", "mask_arrays": np.asarray(pred.masks, dtype=bool),
+              "pred_iou": [_num(v) for v in np.asarray(pred.iou_predictions).tolist()], "best": int(pred.best)}]
+    photo_entry = write_pictures(vw, image, None, cap.frame, sides)
+    index = {
+        "kind": "single", "mode": None, "title": title or "one model", "frame": cap.frame.to_dict(),
+        "photo": photo_entry, "prompts": cap.prompts.to_dict(), "sides": sides, "layers": layers,
+        "heatmap": heatmap_table(rows, layers, SINGLE_COLUMNS), "heatmap_default": "entropy_norm",
+        "scope": "every query (the capture's statistics)", "ranking": None, "impact": None,
+    }
+    write_index(vw, index)
+    return {"viewer": f"{vw.out}/index.html"}
