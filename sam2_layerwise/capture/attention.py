@@ -117,11 +117,20 @@ def _stat_tiles(batch: int, nq: int, nk: int, tile_elements: int) -> list[tuple[
     return [(b, b + 1, r0, min(nq, r0 + rows)) for b in range(batch) for r0 in range(0, nq, rows)]
 
 
-def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20):
+def segment_sums(probs: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """probs [..., Nk] -> [..., S]: the mass on each key segment [start, stop) (memory frames, pointers)."""
+    return torch.stack([probs[..., a:b].sum(-1) for a, b in segments], dim=-1)
+
+
+def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20,
+                     segments: list[tuple[int, int]] | None = None):
     """Per-query statistics over the keys, for every query, computed tile by tile.
 
     q: [G, h, Nq, d], k: [G, h, Nk, d]. Returns a dict of [G, h, Nq] fp32 tensors:
     entropy (nats), entropy_norm (entropy / log Nk, in [0, 1]), max_prob, topk_mass (mass on the k largest keys).
+    With `segments` (key ranges [start, stop), e.g. the memory frames and object pointers of a memory
+    cross-attention) also `segment_mass` [G, h, Nq, S]: each query's attention mass per segment, from the same
+    tiles (no second pass over the scores).
     A tile holds at most `chunk_elements` scores; two tile buffers are the extra memory (8 MiB by default).
     """
     G, h, nq, d = q.shape
@@ -131,6 +140,7 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     tiles = _stat_tiles(B, nq, nk, chunk_elements)
     log_nk = math.log(nk) if nk > 1 else 1.0
     stats = {name: torch.empty((B, nq), dtype=torch.float32, device=q.device) for name in STAT_NAMES}
+    seg = torch.empty((B, nq, len(segments)), dtype=torch.float32, device=q.device) if segments else None
     biggest = max((b1 - b0) * (r1 - r0) * nk for b0, b1, r0, r1 in tiles)
     # Tile buffers reused for every tile: a fresh multi-MiB tensor per tile costs page faults that take
     # about as long as the arithmetic.
@@ -152,16 +162,23 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
                 ent = torch.log(z) - torch.einsum("...j,...j->...", e, t) / z
                 mx = 1.0 / z
                 top = topk_sum(e, kk) / z if kk else torch.zeros_like(z)
+                if seg is not None:
+                    seg[b0:b1, r0:r1] = segment_sums(e, segments) / z.unsqueeze(-1)
             else:
                 p = transform(torch.softmax(scores, -1))
                 ent = -torch.special.xlogy(p, p).sum(-1)
                 mx = p.amax(-1)
                 top = topk_sum(p, kk) if kk else torch.zeros_like(mx)
+                if seg is not None:
+                    seg[b0:b1, r0:r1] = segment_sums(p, segments)
             stats["entropy"][b0:b1, r0:r1] = ent
             stats["entropy_norm"][b0:b1, r0:r1] = ent / log_nk
             stats["max_prob"][b0:b1, r0:r1] = mx
             stats["topk_mass"][b0:b1, r0:r1] = top
-    return {name: t.view(G, h, nq) for name, t in stats.items()}
+    out = {name: t.view(G, h, nq) for name, t in stats.items()}
+    if seg is not None:
+        out["segment_mass"] = seg.view(G, h, nq, len(segments))
+    return out
 
 
 def pool_keys(probs: torch.Tensor, block_hw: tuple[int, int] | None, max_tokens: int):

@@ -107,9 +107,16 @@ class AttentionRecord:
     quant: dict | None = None
     key_pooling: dict | None = None
     files: dict = field(default_factory=dict)
+    frame_index: int | None = None  # video mode: the selected frame this call ran on (None for a single image)
+    frame_call: int = 0  # video mode: the module's call index within its frame
+    memory_mass: dict | None = None  # memory cross-attention: attention mass per key segment (capture.memory)
+    segment_mass: torch.Tensor | None = None  # [G, heads, Nq, segments] fp32, every query (when all_query_stats)
 
     @property
     def file_stem(self) -> str:
+        if self.frame_index is not None:
+            stem = f"{self.layer_key}__frame{self.frame_index:04d}"
+            return stem if self.frame_call == 0 else f"{stem}__call{self.frame_call}"
         return self.layer_key if self.call_index == 0 else f"{self.layer_key}__call{self.call_index}"
 
 
@@ -123,3 +130,4 @@ class BlockRecord:
     call_index: int
     inputs: list[dict]
     outputs: list[dict]
+    frame_index: int | None = None  # video mode: the selected frame this call ran on

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sam2_layerwise.capture import dispatch
-from sam2_layerwise.capture.attention import STAT_NAMES, attention_rows, query_statistics
+from sam2_layerwise.capture.attention import STAT_NAMES, attention_rows, query_statistics, segment_sums
 from sam2_layerwise.capture.records import AttentionRecord, BlockRecord, QuerySpec, layer_key, tensor_stats
 from sam2_layerwise.errors import CaptureError
 from sam2_layerwise.geometry import DecoderTokenLayout, GridGeometry, HieraLayerGeometry, ImageFrame
@@ -128,6 +128,12 @@ class CaptureSession:
         self._stats_cache: dict = {}
         self.selected_modules: list[str] = []
         self.nonfinite: list[dict] = []  # where NaN/inf appeared, in the order the model computed it
+        # Video mode (capture.memory.MemoryTap sets these): the frame SAM 2 is working on, the memory-attention
+        # token grid, and what SAM 2 assembled as memory while memory attention runs.
+        self.frame_index: int | None = None
+        self.memory_grid: tuple[int, int] | None = None
+        self.memory_layout = None
+        self._frame_calls: dict[tuple[str, int], int] = {}
 
     # -- install / remove -------------------------------------------------------------------------
     def _wanted(self, name: str, module: nn.Module | None = None) -> bool:
@@ -191,7 +197,7 @@ class CaptureSession:
             self.blocks.append(BlockRecord(
                 name=name, layer_key=layer_key(name), module_type=type(mod).__name__, call_index=idx,
                 inputs=[{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _flat_tensors(args)],
-                outputs=outputs,
+                outputs=outputs, frame_index=self.frame_index,
             ))
         return post
 
@@ -244,6 +250,8 @@ class CaptureSession:
         G, h, nq, hd = q.shape
         nk = k.shape[-2]
         geometry, queries, valid = self._geometry_and_queries(name, kind, q.shape, k.shape)
+        layout = self.memory_layout if kind == "memory_cross" else None
+        segments = layout.bounds if layout is not None and layout.verified and layout.keys == nk else None
         picks = [(s.group, s.index) for s in queries]
         probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled)
         kernel_err = 0.0
@@ -252,10 +260,11 @@ class CaptureSession:
             i = torch.tensor([p[1] for p in picks], device=q.device)
             kernel_err = (out[g, :, i].float() - rows_out).abs().max().item()
 
-        query_stats, head_stats = None, {}
+        query_stats, head_stats, segment_mass = None, {}, None
         if self.options.all_query_stats:
             query_stats = query_statistics(q, k, view.scale, view.probs_transform, self.options.stats_topk,
-                                           self.options.chunk_elements)
+                                           self.options.chunk_elements, segments=segments)
+            segment_mass = query_stats.pop("segment_mass", None)  # [G, h, Nq, S]
             for stat, values in query_stats.items():
                 per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
                 if valid is not None:
@@ -280,8 +289,13 @@ class CaptureSession:
             full_qkv = {"q": q.detach().cpu().clone(), "k": k.detach().cpu().clone(), "v": v.detach().cpu().clone(),
                         "scale": view.scale, "tiled": bool(view.tiled)}
 
+        memory_mass = _memory_mass(layout, probs, queries, segment_mass) if segments else None
         idx = self._calls.get(name, 0)
         self._calls[name] = idx + 1
+        frame_call = 0
+        if self.frame_index is not None:
+            frame_call = self._frame_calls.get((name, self.frame_index), 0)
+            self._frame_calls[name, self.frame_index] = frame_call + 1
         # A Hiera attention belongs to its block's layer key (image_encoder_trunk_blocks_N), as SPEC.md names layers.
         key = layer_key(_parent(name)) if kind == "hiera" else layer_key(name)
         record = AttentionRecord(
@@ -291,7 +305,8 @@ class CaptureSession:
             geometry=geometry, queries=queries, probs=probs.cpu(),
             query_stats={s: t.cpu() for s, t in query_stats.items()} if query_stats else None,
             head_stats=head_stats, selected_stats=selected, kernel_max_abs_err=kernel_err, qkv=qkv,
-            full_qkv=full_qkv,
+            full_qkv=full_qkv, frame_index=self.frame_index, frame_call=frame_call, memory_mass=memory_mass,
+            segment_mass=segment_mass.cpu() if segment_mass is not None else None,
         )
         self.attention.append(record)
         self._pending[name] = _Pending(record, picks, rows_out)
@@ -328,6 +343,8 @@ class CaptureSession:
             return geometry, queries, valid
 
         grid = self._decoder_grid or (int(round(nq ** 0.5)),) * 2
+        if kind.startswith("memory") and self.memory_grid is not None:
+            grid = self.memory_grid
         gh, gw = grid
         grid_geo = GridGeometry(gh, gw)
 
@@ -366,13 +383,39 @@ class CaptureSession:
                         **grid_geo.to_dict(), "frame": frame.to_dict()}
         else:  # memory attention: queries are the current frame's image tokens
             queries = image_queries() if gh * gw == nq else []
-            keys = "grid" if nk == gh * gw else "sequence"
+            layout = self.memory_layout if kind == "memory_cross" else None
+            keys = "grid" if kind == "memory_self" and nk == gh * gw else \
+                "memory" if layout is not None and layout.verified and layout.keys == nk else "sequence"
             geometry = {"kind": kind, "query_grid_hw": [gh, gw], "keys": keys, "key_grid_hw": [gh, gw],
-                        "frame": frame.to_dict()}
+                        **grid_geo.to_dict(), "frame": frame.to_dict()}
+            if layout is not None:
+                geometry.update(layout.to_dict())
             if keys == "grid":
                 for s in queries:
                     s.key_block = [0, gh, 0, gw]
         return geometry, queries, None
+
+
+def _memory_mass(layout, probs: torch.Tensor, queries, segment_mass: torch.Tensor | None) -> dict:
+    """The attention mass each memory segment (a frame's memory, an object pointer) receives: per selected query
+    and head, and over every query (mean per head) when the all-query statistics ran. The pointer share is the
+    mass of all object-pointer segments together."""
+    segs = layout.segments
+    ptr = [i for i, s in enumerate(segs) if s.kind == "object_pointer"]
+    sel = segment_sums(probs, layout.bounds) if len(queries) else probs.new_zeros((0, probs.shape[1], len(segs)))
+
+    def share(m: torch.Tensor) -> list:  # [..., S] -> [...] pointer share
+        return m[..., ptr].sum(-1).tolist() if ptr else torch.zeros(m.shape[:-1]).tolist()
+
+    out = {"segments": [s.label for s in segs],
+           "selected": [{"label": spec.label, "per_head": sel[n].tolist(), "head_mean": sel[n].mean(0).tolist(),
+                         "pointer_share": share(sel[n].mean(0))} for n, spec in enumerate(queries)],
+           "all_queries": None}
+    if segment_mass is not None:
+        per_head = segment_mass.float().mean(dim=(0, 2))  # [G, h, Nq, S] -> [h, S]
+        out["all_queries"] = {"per_head": per_head.tolist(), "head_mean": per_head.mean(0).tolist(),
+                              "pointer_share": share(per_head.mean(0)), "over": "every query, mean"}
+    return out
 
 
 class _Detach:

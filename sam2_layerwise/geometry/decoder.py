@@ -27,7 +27,8 @@ class DecoderTokenLayout:
     """Token order of SAM 2's two-way transformer: output tokens, then sparse prompt tokens.
 
     `SAM2ImagePredictor` puts box corners before points and always lets the prompt encoder append one
-    padding ("not a point") token, because it passes boxes as points.
+    padding ("not a point") token, because it passes boxes as points. On video frames without prompts SAM 2
+    feeds one empty point (label -1) instead: `num_no_points` of them, role `no_point`.
     """
 
     has_obj_score: bool
@@ -35,6 +36,7 @@ class DecoderTokenLayout:
     num_box_corners: int
     num_points: int
     padding: bool = True
+    num_no_points: int = 0
 
     @property
     def roles(self) -> list[str]:
@@ -42,6 +44,7 @@ class DecoderTokenLayout:
         roles += ["iou"] + [f"mask{i}" for i in range(self.num_mask_tokens)]
         roles += [f"box_corner{i}" for i in range(self.num_box_corners)]
         roles += [f"point{i}" for i in range(self.num_points)]
+        roles += ["no_point"] * self.num_no_points
         if self.padding:
             roles.append("padding")
         return roles
@@ -52,8 +55,9 @@ class DecoderTokenLayout:
         order = [r for r in roles if r.startswith("point")]
         order += [r for r in roles if r.startswith("mask")]
         order += [r for r in ("iou", "obj_score") if r in roles]
-        order += [r for r in roles if r.startswith("box_corner")] + [r for r in roles if r == "padding"]
-        return [roles.index(r) for r in order]
+        order += [r for r in roles if r.startswith("box_corner")]
+        rest = [i for i, r in enumerate(roles) if r in ("no_point", "padding")]
+        return [roles.index(r) for r in order] + rest
 
     def to_dict(self) -> dict:
         return {"roles": self.roles}

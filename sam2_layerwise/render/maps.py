@@ -135,7 +135,8 @@ def token_priority(roles: list[str]) -> list[int]:
     layout = DecoderTokenLayout(has_obj_score="obj_score" in roles,
                                 num_mask_tokens=sum(r.startswith("mask") for r in roles),
                                 num_box_corners=sum(r.startswith("box_corner") for r in roles),
-                                num_points=sum(r.startswith("point") for r in roles), padding="padding" in roles)
+                                num_points=sum(r.startswith("point") for r in roles), padding="padding" in roles,
+                                num_no_points=sum(r == "no_point" for r in roles))
     return layout.priority() if layout.roles == list(roles) else list(range(len(roles)))
 
 
