@@ -405,6 +405,8 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
                       "click": click_support(entry["kind"], has_full, fp_view.qkv if fp_view else None,
                                              entry["geometry"])})
     del views
+    if full:
+        _image_to_token_qkv(vrun, calls)
     layers = write_layers(vw, calls, vrun.frame, vrun.prompts)
     photo, note = _compare_photo(run, vrun.frame)
     sides = []
@@ -427,6 +429,30 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
     }
     write_index(vw, index)
     return vw.files
+
+
+def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
+    """Full mode saves q/k/v once, in `__full.pt`: hand a decoder image->token call's q/k to its views, so the
+    renderer can draw which image tokens attend to each decoder token (`to_<role>` maps)."""
+    from sam2_layerwise.store.atomic import safe_load
+    from sam2_layerwise.store.compare_run import inside
+
+    for c in calls:
+        if c["kind"] != "decoder_image_to_token":
+            continue
+        for h in vrun.halves:
+            view = c["views"].get(h.side)
+            rel = (h.entries[(c["key"], c["call"])].get("files") or {}).get("full")
+            if view is None or view.qkv is not None or not rel:
+                continue
+            try:
+                full = safe_load(inside(h.run_dir, rel, "--run_dir"))
+                q, k, v = full["q"], full["k"], full["v"]  # [1, heads, image tokens / tokens, d]
+                if q.dim() != 4 or q.shape[0] != 1 or q.shape[1] != c["heads"] or k.shape[:2] != q.shape[:2]:
+                    raise ValueError(f"q {list(q.shape)}, k {list(k.shape)}")
+                view.qkv = {"groups": [0], "q": q.float(), "k": k.float(), "v": v.float(), "scale": float(full["scale"])}
+            except Exception as exc:  # noqa: BLE001 - the maps of the selected queries are still shown
+                log.warning("viewer: %s %s: no image->token maps (%s)", h.side, rel, exc)
 
 
 def _open_halves(run):
