@@ -23,13 +23,16 @@ EXAMPLES = """examples:
       --layers 'sam_mask_decoder*'
   # random weights on purpose (no checkpoint), the bundled cat
   sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_t.yaml --random-init \\
-      --image examples/images/chelsea.png --points 220 150 1"""
+      --image examples/images/chelsea.png --points 220 150 1
+  # video: track the clicked object through a folder of frames (or an mp4), memory attention drawn on its frames
+  sam2-layerwise visualize --checkpoint sam2.1_hiera_tiny --video frames/ --prompt-frame 0 --points 320 240 1 \\
+      --max-frames 8 --render-attn-overlay --output-dir sam2_logs/video_debug"""
 
 
 def add_arguments(p) -> None:
     add_model_flags(p)
     add_qat_flag(p)
-    p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    p.add_argument("--image", default=None, help="image file (any format Pillow reads); or --video")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse an image with more pixels than this, before decoding it (default %(default)s = 2**27)")
     p.add_argument("--points", nargs="+", action="extend", default=[], metavar="X_Y_LABEL",
@@ -59,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--viewer", action="store_true",
                    help="write the browser viewer into the run (viewer/index.html; 'sam2-layerwise view' serves it)")
     add_render_arguments(p)
+    from sam2_layerwise.cli.video import add_video_arguments
+
+    add_video_arguments(p)
 
 
 def add_render_arguments(p) -> None:
@@ -76,9 +82,11 @@ def add_render_arguments(p) -> None:
 def prepare(args):
     """Validate every input before anything is loaded or written. Returns (image, prompts, out_dir)."""
     from sam2_layerwise.cli.render import check_render_args
+    from sam2_layerwise.cli.video import video_mode
     from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.store.layout import check_output_dir
 
+    video_mode(args)
     check_render_args(args)
     args.qat_config = load_qat_flag(args)
     out_dir = check_output_dir(args.output_dir)
@@ -99,6 +107,10 @@ def run(args) -> int:
     from sam2_layerwise.store.image_run import OutputOptions, write_image_run
     from sam2_layerwise.store.layout import RunWriter
 
+    from sam2_layerwise.cli import video
+
+    if video.video_mode(args):
+        return video.run(args)
     setup_logging(args.quiet)
     image, prompts, out_dir = prepare(args)
     t0 = time.perf_counter()

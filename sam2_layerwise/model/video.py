@@ -118,6 +118,7 @@ class FramePrediction:
     logits: np.ndarray
     object_score: float
     direction: str
+    iou: float = float("nan")  # the decoder's predicted IoU of the mask SAM 2 kept on this frame
 
 
 @dataclass
@@ -142,6 +143,19 @@ def track(predictor, source, prompts: Prompts, prompt_frame: int, *, precision: 
     device = next(predictor.parameters()).device
     pred = VideoPrediction()
     coords, labels, box = prompt_arrays(prompts)
+    ious: list[float] = []
+
+    def decoder_iou(module, args, output):  # (masks, iou_pred [B, M], tokens, object score); SAM 2 keeps the best
+        ious.append(float(output[1].float().amax(-1)[0]))
+
+    hook = predictor.sam_mask_decoder.register_forward_hook(decoder_iou)
+    with contextlib.ExitStack() as stack:
+        stack.callback(hook.remove)
+        _track(predictor, source, prompt_frame, coords, labels, box, precision, device, pred, ious, on_frame, on_state)
+    return pred
+
+
+def _track(predictor, source, prompt_frame, coords, labels, box, precision, device, pred, ious, on_frame, on_state):
     with torch.inference_mode(), precision_context(device, precision), _quiet_sam2_progress():
         state = init_state(predictor, source)
         if on_state is not None:
@@ -159,11 +173,10 @@ def track(predictor, source, prompts: Prompts, prompt_frame: int, *, precision: 
                     index=idx, mask=(video_res_masks[0, 0] > 0.0).cpu().numpy(),
                     logits=out["pred_masks"][0, 0].float().cpu().numpy(),
                     object_score=float(out["object_score_logits"].float().reshape(-1)[0]),
-                    direction="prompt" if idx == prompt_frame else direction)
+                    direction="prompt" if idx == prompt_frame else direction, iou=ious[-1] if ious else float("nan"))
                 pred.frames.append(fp)
                 if on_frame is not None:
                     on_frame(fp)
-    return pred
 
 
 def track_plain(predictor, source, prompts: Prompts, prompt_frame: int, *, precision: str = "fp32") -> VideoPrediction:

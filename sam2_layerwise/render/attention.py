@@ -101,7 +101,10 @@ def _mark(draw: ImageDraw.ImageDraw, x: float, y: float, r: int) -> None:
 
 
 def _vmax(m: AttentionMap) -> float:
-    """The top of the colour scale: the map's maximum over its real (non-padding) cells, 0 when there is none."""
+    """The top of the colour scale: the map's maximum over its real (non-padding) cells, 0 when there is none
+    (or the scale the map shares with others, `m.vmax`)."""
+    if m.vmax is not None:
+        return m.vmax
     v = real_max(m.grid, m.real_hw)
     return v if np.isfinite(v) else 0.0
 

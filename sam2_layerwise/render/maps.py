@@ -98,6 +98,7 @@ class AttentionMap:
     window: list[int] | None = None
     marks: list[tuple[float, float]] = field(default_factory=list)
     pooled: int = 1
+    vmax: float | None = None  # top of the colour scale when maps share one (a memory's frames); None: own maximum
 
     @property
     def layer_dir(self) -> str:

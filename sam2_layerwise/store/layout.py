@@ -31,9 +31,11 @@ ATTN_IMAGES = "attn_images"
 ATTN_OVERLAYS = "attn_overlays"
 ATTN_TOPK = "attn_topk"
 VIEWER = "viewer"  # visualize --viewer: the browser viewer (index.html + viewer_data/)
+MEMORY_CHARTS = "memory_charts"  # visualize --video: memory mass by frame age, per frame
 
 # Entries a run owns in its output directory; a new run replaces all of them (stale ones are removed).
-MANAGED = (SUMMARY, PREDICTIONS, PREDICTION_IMAGES, ATTN_TENSORS, ATTN_IMAGES, ATTN_OVERLAYS, ATTN_TOPK, VIEWER)
+MANAGED = (SUMMARY, PREDICTIONS, PREDICTION_IMAGES, ATTN_TENSORS, ATTN_IMAGES, ATTN_OVERLAYS, ATTN_TOPK, VIEWER,
+           MEMORY_CHARTS)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<what>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")

@@ -47,12 +47,14 @@ def attention_entry(r: AttentionRecord) -> dict:
         "quant": r.quant,
         "key_pooling": r.key_pooling,
         "files": r.files,
+        **({"frame": r.frame_index, "frame_call": r.frame_call} if r.frame_index is not None else {}),
+        **({"memory_mass": r.memory_mass} if r.memory_mass is not None else {}),
     }
 
 
 def block_entry(b: BlockRecord) -> dict:
     return {"name": b.name, "layer_key": b.layer_key, "module_type": b.module_type, "call_index": b.call_index,
-            "inputs": b.inputs, "outputs": b.outputs}
+            "inputs": b.inputs, "outputs": b.outputs, **({"frame": b.frame_index} if b.frame_index is not None else {})}
 
 
 def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, prompts: dict, capture_options: dict,

@@ -1,0 +1,297 @@
+"""Pictures of a video run, frame by frame (live while SAM 2 tracks, or again from a saved run).
+
+- Every attention call except memory cross-attention: the image-mode maps (attention images, overlays), drawn on
+  the frame the call ran on.
+- Memory cross-attention: for each selected query and each memory frame in its keys, the query's attention over
+  that frame's memory tokens **overlaid on the frame the memory came from** (the query's own place outlined in
+  cyan there too), all memory frames of one query on one colour scale; object-pointer tokens as a row of cells;
+  and one panel per query: the query's own frame (marked), every memory frame with its heatmap and share of the
+  attention, and the object-pointer share as a bar.
+- `memory_charts/frame_<i>.png`: the attention mass each memory frame (by age) and the object pointers receive,
+  per memory-attention layer; `memory_charts/mass_by_age.png`: the same over all frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sam2_layerwise.render import colors
+from sam2_layerwise.render.attention import QUERY_RGB, RenderResult, _outline, render_maps
+from sam2_layerwise.render.maps import AttentionMap, RecordView, _head_tag, _head_words, _heads, build_maps, place_on_grid
+from sam2_layerwise.render.topk import write_topk
+from sam2_layerwise.store import layout
+from sam2_layerwise.store.atomic import atomic_save_png, link_or_copy
+
+log = logging.getLogger("sam2_layerwise")
+
+PANEL_TILE = 256  # px, long side of one frame in a memory panel
+
+
+def frame_tag(index: int) -> str:
+    return f"frame_{index:04d}"
+
+
+def segment_values(probs_row: np.ndarray, seg: dict, pooling: dict | None) -> tuple[np.ndarray, dict | None]:
+    """One segment's values of a (possibly per-segment pooled) probability row, and that segment's pooling."""
+    if pooling and pooling.get("per_segment"):
+        ps = next(p for p in pooling["segments"] if p["label"] == seg["label"])
+        vals = probs_row[ps["start"]:ps["stop"]]
+        if seg["kind"] == "memory" and ps.get("factor", 1) > 1:
+            return vals, {"factor": ps["factor"], "pooled_hw": ps["pooled_hw"]}
+        return vals, None
+    return probs_row[seg["start"]:seg["stop"]], None
+
+
+@dataclass
+class VideoRenderer:
+    """Draws a video run's pictures; `frame(writer, frame_capture)` per frame, `finish(writer)` at the end."""
+
+    plan: object  # render.run.RenderPlan
+    source: object  # frames.VideoSource
+    prompts: object
+    prompt_frame: int
+    rendered: list = field(default_factory=list)
+    per_record: dict = field(default_factory=dict)  # (layer_key, call_index) -> {attn_images: [...], ...}
+    ages: dict = field(default_factory=dict)  # layer -> age -> [mass]; "cond"/"pointers" keys too
+    charts: list = field(default_factory=list)
+
+    # -- entry points -----------------------------------------------------------------------------------------
+    def frame(self, writer, fc) -> dict:
+        """Live: the records of one frame just captured (before they are lightened)."""
+        views = [RecordView.from_record(r) for r in fc.attention]
+        masses = {(r.layer_key, r.call_index): r.memory_mass for r in fc.attention if r.memory_mass}
+        files = self.draw_frame(writer, fc.index, views, masses, frame_geo=fc.attention[0].geometry.get("frame")
+                                if fc.attention else None)
+        for r in fc.attention:
+            r.files.update(self.per_record.get((r.layer_key, r.call_index), {}))
+        return files
+
+    def draw_frame(self, writer, index: int, views: list[RecordView], masses: dict, frame_geo: dict | None = None) -> dict:
+        from sam2_layerwise.geometry import ImageFrame
+
+        frame = ImageFrame(self.source.width, self.source.height,
+                           int(frame_geo["image_size"]) if frame_geo else 1024)
+        photo = self.source.image(index)
+        plain = [v for v in views if v.geometry.get("keys") != "memory"]
+        maps = [m for v in plain for m in build_maps(v, frame, self.plan.maps, prompts=self.prompts)]
+        self._collect(render_maps(maps, photo, self.plan.draw, writer))
+        for v in views:
+            if v.geometry.get("keys") == "memory":
+                self._memory(writer, index, v, photo)
+        files = {}
+        chart = self._chart(writer, index, views, masses)
+        if chart:
+            files["memory_chart"] = chart
+        return files
+
+    def finish(self, writer) -> dict:
+        files = dict(write_topk(self.rendered, self.plan.topk, writer, symlink=self.plan.topk_symlink))
+        if any(r.image for r in self.rendered):
+            files[layout.ATTN_IMAGES] = f"{layout.ATTN_IMAGES}/"
+        if any(r.overlay for r in self.rendered):
+            files[layout.ATTN_OVERLAYS] = f"{layout.ATTN_OVERLAYS}/"
+        if self.ages:
+            files[layout.MEMORY_CHARTS] = f"{layout.MEMORY_CHARTS}/"
+            files["memory_mass_by_age"] = self._age_chart(writer)
+        return files
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _collect(self, result: RenderResult) -> None:
+        self.rendered += result.rendered
+        for key, d in result.by_record().items():
+            mine = self.per_record.setdefault(key, {})
+            for what, paths in d.items():
+                mine.setdefault(what, []).extend(paths)
+
+    # -- memory cross-attention -------------------------------------------------------------------------------
+    def _memory(self, writer, index: int, v: RecordView, photo: np.ndarray) -> None:
+        geo = v.geometry
+        segs = geo["key_segments"]
+        gh, gw = geo["query_grid_hw"]
+        by_frame: dict[int, list[AttentionMap]] = {}
+        token_maps: list[AttentionMap] = []
+        opts = self.plan.maps
+        for qi, q in enumerate(v.queries[:opts.max_queries]):
+            for head, values in _heads(v.probs[qi], opts.per_head):  # values [K] fp32
+                spatial = []
+                for s in segs:
+                    vals, pooling = segment_values(values, s, v.key_pooling)
+                    if s["kind"] == "memory":
+                        hw = tuple(s.get("grid_hw") or (gh, gw))
+                        grid = place_on_grid(vals, [0, hw[0], 0, hw[1]], hw, pooling)
+                        spatial.append((s, grid, float(vals.sum())))
+                vmax = max((float(np.nanmax(g)) for _, g, _ in spatial), default=0.0)
+                tag, words = _head_tag(head), _head_words(head)
+                for s, grid, mass in spatial:
+                    r, c = divmod(int(np.nanargmax(grid)), grid.shape[1])
+                    cells = None
+                    if q.get("cell") is not None:
+                        qr, qc = q["cell"]
+                        cells = [qr, qr + 1, qc, qc + 1]
+                    cond = "conditioning, " if s.get("conditioning") else ""
+                    by_frame.setdefault(s["frame"], []).append(AttentionMap(
+                        layer_key=v.layer_key, kind=v.kind, call_index=v.call_index,
+                        name=f"{layout.safe_name(v.stem)}__{layout.safe_name(q['label'])}__mem_f{s['frame']:04d}__{tag}",
+                        label=q["label"],
+                        title=(f"{v.layer_key} [memory_cross] frame {index}, query {q['label']}: memory of frame "
+                               f"{s['frame']} ({cond}age {s.get('age')}) holds {mass:.1%} of the attention, {words}; "
+                               f"drawn on frame {s['frame']}, colours shared by this query's memory frames"),
+                        quantity=f"attention probability per memory token ({words})", display="grid", head=head,
+                        score=float(np.nanmax(grid)), peak=f"f{s['frame']} key({r},{c})", grid=grid,
+                        real_hw=grid.shape, query_box=q.get("pixel_box"), query_cells=cells, vmax=vmax))
+                ptr = [s for s in segs if s["kind"] == "object_pointer"]
+                if ptr and self.plan.draw.images:
+                    tv, roles = [], []
+                    for s in ptr:
+                        vals, _ = segment_values(values, s, v.key_pooling)
+                        tv += list(vals)
+                        roles += [f"f{s['frame']}.{t}" for t in range(len(vals))]
+                    token_maps.append(AttentionMap(
+                        layer_key=v.layer_key, kind=v.kind, call_index=v.call_index,
+                        name=f"{layout.safe_name(v.stem)}__{layout.safe_name(q['label'])}__pointers__{tag}",
+                        label=q["label"], title=(f"{v.layer_key} [memory_cross] frame {index}, query {q['label']}: "
+                                                 f"object-pointer tokens ({sum(tv):.1%} of the attention), {words}"),
+                        quantity=f"attention probability per pointer token ({words})", display="tokens", head=head,
+                        score=float(max(tv)), peak=f"token {roles[int(np.argmax(tv))]}",
+                        token_values=np.asarray(tv, dtype=np.float32), token_roles=roles))
+                if self.plan.draw.overlays:
+                    self._panel(writer, index, v, q, head, spatial, vmax, values, segs, photo)
+        for j, maps in sorted(by_frame.items()):
+            self._collect(render_maps(maps, self.source.image(j), self.plan.draw, writer))
+        if token_maps:
+            self._collect(render_maps(token_maps, photo, self.plan.draw, writer))
+
+    def _panel(self, writer, index, v, q, head, spatial, vmax, values, segs, photo) -> None:
+        """The query's own frame, each memory frame with its heatmap, and the pointer share, side by side."""
+        cmap = self.plan.draw.cmap
+        fnt = colors.font(12)
+        tiles = []
+        box = q.get("pixel_box")
+
+        def fitted(img: np.ndarray):
+            im = Image.fromarray(img).convert("RGB")
+            s = PANEL_TILE / max(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
+            return im, (im.width / img.shape[1], im.height / img.shape[0])
+
+        def mark(im, scale):
+            if box:
+                sx, sy = scale
+                _outline(ImageDraw.Draw(im), (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx),
+                                              round(box[3] * sy)), QUERY_RGB)
+            return im
+
+        own, scale = fitted(photo)
+        tiles.append((mark(own, scale), f"frame {index}: the query ({q['label']})", (255, 255, 255)))
+        for s, grid, mass in sorted(spatial, key=lambda t: (not t[0].get("conditioning"), t[0].get("age") or 0)):
+            im, sc = fitted(self.source.image(s["frame"]))
+            rgb, _ = colors.colorize(grid, cmap, vmax)
+            heat = Image.fromarray(rgb).resize(im.size, Image.NEAREST)
+            im = mark(Image.blend(im, heat, self.plan.draw.overlay_alpha), sc)
+            cond = " cond" if s.get("conditioning") else ""
+            tiles.append((im, f"f{s['frame']}{cond} age {s.get('age')}: {mass:.1%}", (235, 235, 235)))
+        ptr_share = float(sum(segment_values(values, s, v.key_pooling)[0].sum() for s in segs
+                              if s["kind"] == "object_pointer"))
+        th = max(t[0].height for t in tiles)
+        bar_w = 90
+        width = sum(t[0].width + 6 for t in tiles) + bar_w
+        canvas = Image.new("RGB", (width, th + 22), colors.LEGEND_BG)
+        draw = ImageDraw.Draw(canvas)
+        x = 0
+        for im, text, color in tiles:
+            canvas.paste(im, (x, 0))
+            draw.text((x + 3, th + 4), text, fill=color, font=fnt)
+            x += im.width + 6
+        h = int(round((th - 20) * min(1.0, ptr_share)))
+        draw.rectangle([x + 30, th - h, x + 60, th], fill=(255, 200, 0))
+        draw.rectangle([x + 30, 10, x + 60, th], outline=(235, 235, 235))
+        draw.text((x + 4, th + 4), f"pointers {ptr_share:.1%}", fill=(255, 200, 0), font=fnt)
+        words = _head_words(head)
+        title = (f"{v.layer_key} [memory_cross] frame {index}, query {q['label']} ({words}): the query's frame (cyan: "
+                 f"its token), then each memory frame with the query's attention on it (share of the attention "
+                 f"under it), and the object pointers' share")
+        img = colors.stack(canvas, colors.legend_strip(canvas.width, title, cmap, vmax,
+                                                       f"attention probability per memory token ({words})"))
+        name = f"{layout.safe_name(v.stem)}__{layout.safe_name(q['label'])}__memory__{_head_tag(head)}"
+        rel = f"{layout.ATTN_OVERLAYS}/by_layer/{layout.safe_name(v.layer_key)}/{name}.png"
+        atomic_save_png(img, writer.path(rel), compress_level=self.plan.draw.png_level)
+        link_or_copy(writer.path(rel), writer.path(f"{layout.ATTN_OVERLAYS}/all/{name}.png"))
+        self.per_record.setdefault((v.layer_key, v.call_index), {}).setdefault("memory_panels", []).append(rel)
+
+    # -- charts -------------------------------------------------------------------------------------------------
+    def _chart(self, writer, index: int, views: list[RecordView], masses: dict) -> str | None:
+        rows = []  # (layer, segments, values)
+        for v in views:
+            if v.geometry.get("keys") != "memory":
+                continue
+            mm = masses.get((v.layer_key, v.call_index))
+            if not mm:
+                continue
+            vals = (mm.get("all_queries") or {}).get("head_mean")
+            if vals is None:
+                sel = [s["head_mean"] for s in mm.get("selected", [])]
+                vals = list(np.mean(sel, axis=0)) if sel else None
+            if vals is None:
+                continue
+            rows.append((v.layer_key, v.geometry["key_segments"], vals, mm.get("all_queries") is not None))
+        if not rows:
+            return None
+        from sam2_layerwise.metrics.plots import _figure
+
+        segs = rows[0][1]
+        spatial = sorted([i for i, s in enumerate(segs) if s["kind"] == "memory"],
+                         key=lambda i: (not segs[i].get("conditioning"), segs[i].get("age") or 0))
+        ptr = [i for i, s in enumerate(segs) if s["kind"] == "object_pointer"]
+        labels = [f"f{segs[i]['frame']}{' cond' if segs[i].get('conditioning') else ''}\nage {segs[i].get('age')}"
+                  for i in spatial] + (["pointers\n(all)"] if ptr else [])
+        fig = _figure(max(4.0, 0.9 * len(labels) + 1.5), 3.0)
+        ax = fig.add_axes((0.1, 0.25, 0.85, 0.62))
+        width = 0.8 / len(rows)
+        for n, (layer, lsegs, vals, every) in enumerate(rows):
+            ys = [vals[i] for i in spatial] + ([sum(vals[i] for i in ptr)] if ptr else [])
+            xs = np.arange(len(ys)) + (n - (len(rows) - 1) / 2) * width
+            short = layer.replace("memory_attention_layers_", "L").replace("_cross_attn_image", "")
+            ax.bar(xs, ys, width=width, label=short)
+            store = self.ages.setdefault(short, {})
+            for i in spatial:
+                key = "cond" if lsegs[i].get("conditioning") else int(lsegs[i].get("age") or 0)
+                store.setdefault(key, []).append(vals[i])
+            if ptr:
+                store.setdefault("pointers", []).append(sum(vals[i] for i in ptr))
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylabel("attention mass", fontsize=8)
+        ax.tick_params(labelsize=7)
+        over = "every query" if rows[0][3] else "the selected queries"
+        ax.set_title(f"frame {index}: memory attention mass by memory frame (head mean over {over})", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right")
+        rel = f"{layout.MEMORY_CHARTS}/{frame_tag(index)}.png"
+        fig.savefig(writer.path(rel), format="png")
+        return rel
+
+    def _age_chart(self, writer) -> str:
+        from sam2_layerwise.metrics.plots import _figure
+
+        fig = _figure(5.0, 3.0)
+        ax = fig.add_axes((0.12, 0.18, 0.6, 0.7))
+        for layer, store in self.ages.items():
+            ages = sorted(k for k in store if isinstance(k, int))
+            if ages:
+                ax.plot(ages, [float(np.mean(store[a])) for a in ages], marker="o", label=f"{layer} recent")
+            if "cond" in store:
+                ax.axhline(float(np.mean(store["cond"])), linestyle="--", linewidth=0.8,
+                           label=f"{layer} conditioning", color=ax.lines[-1].get_color() if ax.lines else None)
+            if "pointers" in store:
+                ax.axhline(float(np.mean(store["pointers"])), linestyle=":", linewidth=0.8,
+                           label=f"{layer} pointers", color=ax.lines[-1].get_color() if ax.lines else None)
+        ax.set_xlabel("memory age (frames ago, in tracking order)", fontsize=8)
+        ax.set_ylabel("mean attention mass", fontsize=8)
+        ax.set_title("memory attention mass by frame age, over all frames", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        rel = f"{layout.MEMORY_CHARTS}/mass_by_age.png"
+        fig.savefig(writer.path(rel), format="png")
+        return rel
