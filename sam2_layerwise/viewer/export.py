@@ -166,9 +166,10 @@ def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> lis
     return list(entries.values())
 
 
-def click_support(kind: str, full: bool, qkv: dict | None, geometry: dict) -> dict:
+def click_support(kind: str, full: bool, qkv: dict | None, geometry: dict, frame: ImageFrame) -> dict:
     """What a click on the photograph can compute at this call: "any" place (every group saved), "saved"
-    windows only (with their key blocks), "none" (no q/k saved) or "tokens" (queries are decoder tokens)."""
+    windows only (their key blocks, and the original-pixel boxes they cover), "none" (no q/k saved) or "tokens"
+    (queries are decoder tokens)."""
     if kind in TOKEN_KINDS:
         return {"mode": "tokens"}
     if not (kind.startswith("hiera") or kind == "decoder_image_to_token"):
@@ -181,7 +182,13 @@ def click_support(kind: str, full: bool, qkv: dict | None, geometry: dict) -> di
     if kind == "decoder_image_to_token" or (kind.startswith("hiera") and not geometry.get("window")):
         return {"mode": "any" if 0 in groups else "none"}
     hg = HieraLayerGeometry.from_dict(geometry)
-    return {"mode": "saved", "blocks": [list(hg.key_rows_cols(g)) for g in groups if g < hg.groups]}
+    blocks = [list(hg.key_rows_cols(g)) for g in groups if g < hg.groups]
+    boxes = []
+    for r0, r1, c0, c1 in blocks:  # padding cells have no pixels: the box ends at the real grid
+        r1, c1 = min(r1, hg.in_h), min(c1, hg.in_w)
+        x0, y0 = frame.token_box(r0, c0, hg.in_h, hg.in_w)[:2]
+        boxes.append([x0, y0, *frame.token_box(r1 - 1, c1 - 1, hg.in_h, hg.in_w)[2:]])
+    return {"mode": "saved", "blocks": blocks, "boxes": boxes}
 
 
 # -- pictures ---------------------------------------------------------------------------------------------
@@ -403,7 +410,7 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
                       "heads": entry["heads"], "geometry": entry["geometry"], "views": side_views,
                       "label": layer_label(entry.get("name", key), key, call, entry["kind"]),
                       "click": click_support(entry["kind"], has_full, fp_view.qkv if fp_view else None,
-                                             entry["geometry"])})
+                                             entry["geometry"], vrun.frame)})
     del views
     if full:
         _image_to_token_qkv(vrun, calls)
@@ -474,7 +481,7 @@ def write_capture_viewer(writer, cap, image: np.ndarray, *, qkv_saved: bool, out
         calls.append({"key": r.layer_key, "call": r.call_index, "name": r.name, "kind": r.kind, "heads": r.heads,
                       "geometry": r.geometry, "views": {"fp": view},
                       "label": layer_label(r.name, r.layer_key, r.call_index, r.kind),
-                      "click": click_support(r.kind, False, r.qkv if qkv_saved else None, r.geometry)})
+                      "click": click_support(r.kind, False, r.qkv if qkv_saved else None, r.geometry, cap.frame)})
         for h in range(r.heads):
             rows.append({"layer_key": r.layer_key, "call_index": r.call_index, "head": h,
                          **{stat: (r.head_stats.get(stat) or {}).get("mean", [None] * r.heads)[h]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sam2_layerwise.cli.main import main
-from sam2_layerwise.geometry import HieraLayerGeometry
+from sam2_layerwise.geometry import HieraLayerGeometry, ImageFrame
 from sam2_layerwise.store.atomic import safe_load
 from sam2_layerwise.viewer.export import js_file
 from tests.viewer.conftest import read_data, summary_entry
@@ -120,8 +120,11 @@ def test_light_mode_page(viewer_runs):
     entry = summary_entry(run, "image_encoder_trunk_blocks_0")
     hg = HieraLayerGeometry.from_dict(entry["geometry"])
     groups = safe_load(run / "original" / entry["files"]["qkv"])["groups"]
-    assert modes["image_encoder_trunk_blocks_0"] == {"mode": "saved",
-                                                     "blocks": [list(hg.key_rows_cols(g)) for g in groups]}
+    frame = ImageFrame(600, 400, 128)
+    saved = modes["image_encoder_trunk_blocks_0"]
+    assert saved["mode"] == "saved" and saved["blocks"] == [list(hg.key_rows_cols(g)) for g in groups]
+    for (r0, r1, c0, c1), box in zip(saved["blocks"], saved["boxes"]):  # where clicks are answered, in pixels
+        assert box == [*frame.token_box(r0, c0, 32, 32)[:2], *frame.token_box(r1 - 1, c1 - 1, 32, 32)[2:]]
     assert modes["image_encoder_trunk_blocks_4"]["mode"] == "none"  # light mode keeps no whole-grid q/k
     assert index["scope"] == "selected queries"
 

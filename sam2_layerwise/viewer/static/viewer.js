@@ -150,6 +150,7 @@
     header();
     heatmapControls();
     drawHeatmap();
+    document.body.dataset.heatmapMs = String(Math.round(performance.now()));  // since navigation (benchmarks)
     ranking();
     impact();
     photoControls();
@@ -276,6 +277,17 @@
         ctx.drawImage(img, 0, 0, S.photoW, S.photoH);
         ctx.globalAlpha = 1;
       }
+    }
+    const layer = S.layersById.get(S.sel.layer);
+    if (S.server && layer && layer.click && layer.click.mode === "saved") {
+      // light runs keep q/k only of the windows holding the captured queries: where a click can be answered
+      ctx.setLineDash([6, 4]); ctx.lineWidth = 1.5; ctx.strokeStyle = "#fff";
+      for (const b of layer.click.boxes || []) {
+        const [x0, y0] = toPhoto(b[0], b[1]);
+        const [x1, y1] = toPhoto(b[2], b[3]);
+        ctx.strokeRect(x0 + 0.5, y0 + 0.5, x1 - x0 - 1, y1 - y0 - 1);
+      }
+      ctx.setLineDash([]);
     }
     if ($("show-prompts").checked) drawPrompts(ctx);
     const tok = currentToken();
@@ -850,6 +862,7 @@
 
   // -- clicks on the photograph -----------------------------------------------------------------------------
   function onPhotoClick(ev, canvas) {
+    S.clickStart = performance.now();
     const [x, y] = eventToOriginal(ev, canvas);
     const layer = S.layersById.get(S.sel.layer);
     if (!layer) return;
@@ -897,6 +910,7 @@
     }
     fillQueries();
     drawMaps(); drawPhoto();
+    if (S.clickStart !== undefined) document.body.dataset.clickMs = (performance.now() - S.clickStart).toFixed(1);
     document.body.dataset.clicks = String((parseInt(document.body.dataset.clicks || "0", 10)) + 1);
   }
 
