@@ -176,8 +176,9 @@ def _viewer(writer, cap, image, args, out_dir) -> dict:
     from sam2_layerwise.viewer.export import write_capture_viewer
 
     files = write_capture_viewer(writer, cap, image, qkv_saved=args.save_qkv, title=Path(out_dir).name)
-    log.info("viewer: %s (opens from disk); click anywhere in saved windows with: sam2-layerwise view %s",
-             Path(out_dir) / files["viewer"], out_dir)
+    log.info("viewer: %s (opens from disk)%s", Path(out_dir) / files["viewer"],
+             f"; click in the saved windows with: sam2-layerwise view {out_dir}" if args.save_qkv else
+             " (with --save-qkv, 'sam2-layerwise view' also answers clicks in the saved windows)")
     return files
 
 
