@@ -66,13 +66,15 @@ class VideoCapture:
 
 
 def capture_video(model: nn.Module, source, prompts: Prompts, options: CaptureOptions | None = None, *,
-                  prompt_frame: int = 0, precision: str = "fp32", on_record=None, on_frame=None) -> VideoCapture:
+                  prompt_frame: int = 0, precision: str = "fp32", on_record=None, on_frame=None,
+                  on_state=None) -> VideoCapture:
     """Track `prompts` (original pixels of selected frame `prompt_frame`) through `source` (frames.VideoSource)
     with SAM2VideoPredictor `model` (built with model.video.VIDEO_OVERRIDES) while capturing every attention call.
 
     Query places (clicks, box centre, `prompts.queries`) are the same pixels on every frame. Masks are identical
     to `model.video.track_plain`: the float kernel is torch's own SDPA and no hook changes a value.
-    `on_frame(FrameCapture)` runs after each frame (write it, then drop what is heavy: records are kept).
+    `on_frame(FrameCapture)` runs after each frame (write it, then drop what is heavy: records are kept);
+    `on_state(inference_state)` once SAM 2's inference state exists (its output_dict is SAM 2's memory bank).
     """
     options = options or CaptureOptions()
     frame = ImageFrame(orig_w=source.width, orig_h=source.height, image_size=int(model.image_size))
@@ -89,7 +91,8 @@ def capture_video(model: nn.Module, source, prompts: Prompts, options: CaptureOp
             if on_frame is not None:
                 on_frame(fc)
 
-        prediction = track(model, source, prompts, prompt_frame, precision=precision, on_frame=frame_done)
+        prediction = track(model, source, prompts, prompt_frame, precision=precision, on_frame=frame_done,
+                           on_state=on_state)
     return VideoCapture(attention=session.attention, blocks=session.blocks, prediction=prediction, frame=frame,
                         prompts=prompts, prompt_frame=prompt_frame, options=options, locations=locations,
                         frames=list(source.frames), memory=tap.layouts, nonfinite=session.nonfinite)

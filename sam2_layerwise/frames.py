@@ -30,6 +30,7 @@ from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, load_image
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv", ".3gp")
 FLAG = "--video"
+IMAGE_FILE_SUFFIXES = FRAME_SUFFIXES + (".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".heic")
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,11 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
     except Exception as exc:  # noqa: BLE001 - FFmpeg's verdict on a user's file
         hint = " (a folder of frames or a video file is expected)" if p.suffix.lower() not in VIDEO_SUFFIXES else ""
         raise InputError(f"not a video file FFmpeg can read{hint}: {condense(exc)}", flag=flag, value=str(p)) from None
+    fmt = getattr(container.format, "name", "") or ""
+    if fmt == "image2" or fmt.endswith("_pipe") or p.suffix.lower() in IMAGE_FILE_SUFFIXES:
+        container.close()
+        raise InputError(f"is a single image ({fmt or p.suffix}), not a video; give it as --image, or a folder of "
+                         f"frames as --video", flag=flag, value=str(p))
     cache = Path(tempfile.mkdtemp(prefix="sam2-layerwise-frames-"))
     try:
         with container:
