@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", required=True, help="a run directory written by 'sam2-layerwise visualize'")
     p.add_argument("--image", default=None, help="the photograph, when it moved since the run (default: the path "
                                                  "recorded in the summary)")
+    p.add_argument("--video", default=None, help="a video run's frames folder or video file, when it moved since the "
+                                                 "run (default: the path recorded in the summary)")
     p.add_argument("--max-attn-queries", type=positive_int, default=None,
                    help="queries per attention call (default: the saved ones plus --query-points)")
     p.add_argument("--max-tokens", type=positive_int, default=4096,
@@ -87,8 +89,17 @@ def run(args) -> int:
     saved = open_run(args.run_dir)
     extra = query_points(args.query_points, saved.frame.orig_w, saved.frame.orig_h)
     plan = render_plan(args, default_images=True)
-    photo = load_photo(saved, args.image, args.max_pixels) if plan.draw.overlays or args.image else None  # only overlays need the photograph
-    summary = rerender(saved, photo, plan, extra_points=extra)
+    if saved.summary.get("mode") == "video":
+        from sam2_layerwise.render.video import rerender_video
+
+        if args.image is not None:
+            raise InputError("this is a video run; its frames are given with --video", flag="--image", value=args.image)
+        summary = rerender_video(saved, plan, video=args.video, max_pixels=args.max_pixels, extra_points=extra)
+    else:
+        if args.video is not None:
+            raise InputError("only applies to a video run (visualize --video)", flag="--video", value=args.video)
+        photo = load_photo(saved, args.image, args.max_pixels) if plan.draw.overlays or args.image else None  # only overlays need the photograph
+        summary = rerender(saved, photo, plan, extra_points=extra)
     files = summary.get("files", {})
     log.info("drew %s in %s%s", ", ".join(k for k in ("attn_images", "attn_overlays", "attn_topk") if k in files)
              or "nothing", saved.run_dir, "" if summary["render"]["skipped_calls_without_tensors"] == 0 else

@@ -130,8 +130,10 @@ def _check_query(c: _Summary, q, where: str) -> dict:
 def _check_geometry(c: _Summary, geo, kind: str, where: str) -> None:
     c.dict(geo, where)
     keys = geo.get("keys")
-    if keys not in (None, "grid", "tokens", "sequence"):
-        raise c.fail(f"{where}.keys is {_kind(keys)}, expected grid, tokens or sequence")
+    if keys not in (None, "grid", "tokens", "sequence", "memory"):
+        raise c.fail(f"{where}.keys is {_kind(keys)}, expected grid, tokens, sequence or memory")
+    if keys == "memory":
+        _check_segments(c, geo, where)
     if keys == "grid" or kind.startswith("hiera"):
         real = c.ints(c.get(geo, "key_grid_hw", where), f"{where}.key_grid_hw", 2, 1, MAX_GRID)
         padded = c.optional(geo.get("padded_key_grid_hw"), c.ints, f"{where}.padded_key_grid_hw", 2, 1, MAX_GRID)
@@ -151,6 +153,36 @@ def _check_geometry(c: _Summary, geo, kind: str, where: str) -> None:
         if geo.get(key) is not None:
             for i, role in enumerate(c.list(geo[key], f"{where}.{key}")):
                 c.str(role, f"{where}.{key}[{i}]")
+
+
+SEGMENT_KINDS = ("memory", "object_pointer", "no_memory")
+
+
+def _check_segments(c: _Summary, geo: dict, where: str) -> None:
+    """A memory cross-attention's key segments: contiguous [start, stop) from 0, a known kind, a frame index,
+    and for a frame's memory a grid whose tokens are the segment's keys."""
+    c.ints(c.get(geo, "query_grid_hw", where), f"{where}.query_grid_hw", 2, 1, MAX_GRID)
+    segs = c.list(c.get(geo, "key_segments", where), f"{where}.key_segments")
+    if not segs:
+        raise c.fail(f"{where}.key_segments is empty")
+    at = 0
+    for j, seg in enumerate(segs):
+        w = f"{where}.key_segments[{j}]"
+        c.dict(seg, w)
+        c.str(c.get(seg, "label", w), f"{w}.label")
+        if seg.get("kind") not in SEGMENT_KINDS:
+            raise c.fail(f"{w}.kind is {_kind(seg.get('kind'))}, expected one of {', '.join(SEGMENT_KINDS)}")
+        start = c.int(c.get(seg, "start", w), f"{w}.start", 0, 1 << 40)
+        stop = c.int(c.get(seg, "stop", w), f"{w}.stop", start + 1, 1 << 40)
+        if start != at:
+            raise c.fail(f"{w}.start is {start}, expected {at} (segments are contiguous from 0)")
+        at = stop
+        if seg["kind"] != "no_memory":
+            c.int(c.get(seg, "frame", w), f"{w}.frame", 0, 1 << 40)
+        if seg["kind"] == "memory":
+            gh, gw = c.ints(c.get(seg, "grid_hw", w), f"{w}.grid_hw", 2, 1, MAX_GRID)
+            if gh * gw != stop - start:
+                raise c.fail(f"{w}.grid_hw {gh}x{gw} does not hold its {stop - start} keys")
 
 
 def _check_entry(c: _Summary, e, i: int) -> None:
@@ -308,7 +340,7 @@ def _check_tensors(run: SavedRun, entry: dict, attn: dict | None, qkv: dict | No
         if probs.shape[0] < len(queries) or probs.shape[1] != heads:
             raise bad(f"probs is {list(probs.shape)}, expected [{len(queries)} queries, {heads} heads, keys]")
         pooling = attn.get("key_pooling")
-        if pooling is not None:
+        if pooling is not None and not (geo.get("keys") == "memory" and isinstance(pooling, dict)):
             hw = pooling.get("pooled_hw") if isinstance(pooling, dict) else None
             if not (isinstance(pooling, dict) and _whole(pooling.get("factor")) and isinstance(hw, list)
                     and len(hw) == 2 and all(_whole(x) for x in hw)):
@@ -369,6 +401,25 @@ def _check_tensors(run: SavedRun, entry: dict, attn: dict | None, qkv: dict | No
                              else ""))
     elif geo.get("keys") == "tokens" and geo.get("key_roles") is not None and keys != len(geo["key_roles"]):
         raise bad(f"{keys} keys saved, {len(geo['key_roles'])} key roles in the geometry")
+    elif geo.get("keys") == "memory":
+        pooling = attn.get("key_pooling") if attn is not None else None
+        segs = geo["key_segments"]
+        if pooling:
+            ps = pooling.get("segments") if isinstance(pooling, dict) else None
+            if not (isinstance(ps, list) and len(ps) == len(segs) and all(
+                    isinstance(p, dict) and p.get("label") == s["label"] and _whole(p.get("factor"))
+                    and isinstance(p.get("start"), int) and isinstance(p.get("stop"), int) for p, s in zip(ps, segs))):
+                raise bad("key_pooling does not name the geometry's key segments")
+            for p, s in zip(ps, segs):
+                hw = p.get("pooled_hw")
+                if s["kind"] == "memory" and not (isinstance(hw, list) and len(hw) == 2 and all(_whole(x) for x in hw)
+                                                  and hw[0] * hw[1] == p["stop"] - p["start"]):
+                    raise bad(f"key_pooling segment {s['label']} does not hold its pooled grid")
+            want = ps[-1]["stop"]
+        else:
+            want = segs[-1]["stop"]
+        if keys != want:
+            raise bad(f"{keys} keys saved, the key segments hold {want}")
 
 
 def _whole(v) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -70,14 +71,16 @@ class VideoRenderer:
             r.files.update(self.per_record.get((r.layer_key, r.call_index), {}))
         return files
 
-    def draw_frame(self, writer, index: int, views: list[RecordView], masses: dict, frame_geo: dict | None = None) -> dict:
+    def draw_frame(self, writer, index: int, views: list[RecordView], masses: dict, frame_geo: dict | None = None,
+                   extra_locations=None) -> dict:
         from sam2_layerwise.geometry import ImageFrame
 
         frame = ImageFrame(self.source.width, self.source.height,
                            int(frame_geo["image_size"]) if frame_geo else 1024)
-        photo = self.source.image(index)
+        photo = self._photo(index)
         plain = [v for v in views if v.geometry.get("keys") != "memory"]
-        maps = [m for v in plain for m in build_maps(v, frame, self.plan.maps, prompts=self.prompts)]
+        maps = [m for v in plain for m in build_maps(v, frame, self.plan.maps, prompts=self.prompts,
+                                                      extra_locations=extra_locations)]
         self._collect(render_maps(maps, photo, self.plan.draw, writer))
         for v in views:
             if v.geometry.get("keys") == "memory":
@@ -98,6 +101,10 @@ class VideoRenderer:
             files[layout.MEMORY_CHARTS] = f"{layout.MEMORY_CHARTS}/"
             files["memory_mass_by_age"] = self._age_chart(writer)
         return files
+
+    def _photo(self, index: int):
+        """The frame as a photograph, when overlays are drawn (attention images need none)."""
+        return self.source.image(index) if self.plan.draw.overlays else None
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _collect(self, result: RenderResult) -> None:
@@ -161,7 +168,7 @@ class VideoRenderer:
                 if self.plan.draw.overlays:
                     self._panel(writer, index, v, q, head, spatial, vmax, values, segs, photo)
         for j, maps in sorted(by_frame.items()):
-            self._collect(render_maps(maps, self.source.image(j), self.plan.draw, writer))
+            self._collect(render_maps(maps, self._photo(j), self.plan.draw, writer))
         if token_maps:
             self._collect(render_maps(token_maps, photo, self.plan.draw, writer))
 
@@ -295,3 +302,108 @@ class VideoRenderer:
         rel = f"{layout.MEMORY_CHARTS}/mass_by_age.png"
         fig.savefig(writer.path(rel), format="png")
         return rel
+
+
+# -- a saved video run, drawn again ---------------------------------------------------------------------------------
+class _NoFrames:
+    """Stands in for the frames when only attention images are drawn (no overlay needs a photograph)."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+
+    def image(self, index):  # pragma: no cover - only reached when overlays are drawn, which open the frames
+        raise RuntimeError("frames are not open")
+
+    def close(self):
+        pass
+
+
+def open_saved_frames(run, override: str | None, max_pixels: int):
+    """The frames a saved video run was captured on (or `--video PATH` where they moved), selected as the run
+    selected them and checked against the summary: same count, source frames and size."""
+    from sam2_layerwise.errors import InputError
+    from sam2_layerwise.frames import FrameSelection, open_video
+
+    vid = run.summary.get("video") or {}
+    path = override or vid.get("path")
+    if not isinstance(path, str) or not path:
+        raise InputError("the run names no video; pass --video PATH", flag="--video")
+    sel = vid.get("selection") or {}
+    try:
+        selection = FrameSelection(start=int(sel.get("start", 0)), stop=None if sel.get("stop") is None else
+                                   int(sel["stop"]), stride=int(sel.get("stride", 1)),
+                                   max_frames=None if sel.get("max_frames") is None else int(sel["max_frames"]))
+    except (TypeError, ValueError):
+        raise InputError("video.selection in the summary is malformed", flag="--run-dir", value=str(run.run_dir)) from None
+    if not Path(path).exists() and override is None:
+        raise InputError(f"the video this run names is missing ({path}); pass --video PATH", flag="--video")
+    source = open_video(path, selection, max_pixels=max_pixels)
+    want = [(f.get("source_index"), f.get("name")) for f in (run.summary.get("frames") or {}).get("list", [])]
+    got = [(f.source_index, f.name) for f in source.frames]
+    if got != want or (source.width, source.height) != (run.frame.orig_w, run.frame.orig_h):
+        source.close()
+        raise InputError(f"holds frames {got[:6]} of {source.width}x{source.height}; the run was captured on frames "
+                         f"{want[:6]} of {run.frame.orig_w}x{run.frame.orig_h}", flag="--video", value=path)
+    return source
+
+
+def rerender_video(run, plan, *, video: str | None = None, max_pixels: int | None = None, extra_points=()) -> dict:
+    """Draw a saved video run again into its own directory (attention images, overlays on each frame, memory maps
+    on their source frames, panels, charts, top-k); returns the updated summary. Never loads the model."""
+    from sam2_layerwise.errors import InputError
+    from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
+    from sam2_layerwise.render.saved import RENDER_DIRS, saved_views
+    from sam2_layerwise.store.atomic import atomic_write_json
+    from sam2_layerwise.store.layout import RunWriter
+
+    views = saved_views(run)
+    if not views:
+        raise InputError("holds no saved attention tensors (capture with --save-attn and/or --save-qkv)",
+                         flag="--run-dir", value=str(run.run_dir))
+    summary = run.summary
+    entries = {(e["layer_key"], e.get("call_index", 0)): e for e in summary["attention"]}
+    frames = summary.get("frames") or {}
+    prompt_frame = int(frames.get("prompt_frame", 0) or 0)
+    source = (open_saved_frames(run, video, max_pixels or DEFAULT_MAX_PIXELS) if plan.draw.overlays
+              else _NoFrames(run.frame.orig_w, run.frame.orig_h))
+    extra = [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
+    owned = (layout.SUMMARY, *RENDER_DIRS, layout.MEMORY_CHARTS)
+    try:
+        with RunWriter(run.run_dir, owned=owned, flag="--run-dir") as writer:
+            renderer = VideoRenderer(plan, source, run.prompts, prompt_frame)
+            by_frame: dict[int, list] = {}
+            for v in views:
+                by_frame.setdefault(int(entries[v.layer_key, v.call_index].get("frame", 0)), []).append(v)
+            chart_files = {}
+            try:
+                for index, vs in sorted(by_frame.items()):
+                    masses = {(v.layer_key, v.call_index): entries[v.layer_key, v.call_index].get("memory_mass")
+                              for v in vs}
+                    got = renderer.draw_frame(writer, index, vs, {k: m for k, m in masses.items() if m},
+                                              frame_geo=summary["frame"], extra_locations=extra)
+                    chart_files[index] = got.get("memory_chart")
+                files = renderer.finish(writer)
+            except (ValueError, IndexError, KeyError, TypeError, StopIteration) as exc:
+                from sam2_layerwise.errors import condense
+
+                raise InputError(f"the saved tensors and {layout.SUMMARY} do not fit together: {condense(exc)}",
+                                 flag="--run-dir", value=str(run.run_dir)) from exc
+            for key in (*RENDER_DIRS, "attn_topk_links", layout.MEMORY_CHARTS, "memory_mass_by_age"):
+                summary.setdefault("files", {}).pop(key, None)
+            summary["files"].update(files)
+            for key, entry in entries.items():
+                ef = entry.setdefault("files", {})
+                for what in (layout.ATTN_IMAGES, layout.ATTN_OVERLAYS, "memory_panels"):
+                    ef.pop(what, None)
+                ef.update(renderer.per_record.get(key, {}))
+            for f in frames.get("list", []):
+                ff = f.setdefault("files", {})
+                ff.pop("memory_chart", None)
+                if chart_files.get(f.get("index")):
+                    ff["memory_chart"] = [chart_files[f["index"]]]
+            summary["render"] = {**plan.to_dict(), "command": "render", "skipped_calls_without_tensors":
+                                 len(summary["attention"]) - len(views)}
+            atomic_write_json(summary, writer.path(layout.SUMMARY))
+    finally:
+        source.close()
+    return summary
