@@ -25,7 +25,8 @@ EXAMPLES = """examples:
 
 # visualize flags compare takes over unchanged (same names, same parsing)
 BORROWED = ("--image", "--points", "--box", "--query-points", "--max-attn-queries", "--layers", "--stats-topk",
-            "--single-mask", "--image-size", "--max-pixels")
+            "--single-mask", "--image-size", "--max-pixels",
+            "--video", "--prompt-frame", "--max-frames", "--frame-stride", "--frames")  # compare --video
 
 
 def add_arguments(p) -> None:
@@ -94,6 +95,12 @@ def prepare(args):
 
 
 def run(args) -> int:
+    from sam2_layerwise.cli.video import video_mode
+
+    if video_mode(args):  # both models track the same frames (analysis.video_pair)
+        from sam2_layerwise.analysis.video_pair import run as run_video
+
+        return run_video(args)
     from sam2_layerwise.analysis.pair import ModelSpec, compare_capture
 
     setup_logging(args.quiet)

@@ -212,7 +212,8 @@ def frames_section(cap, sink: VideoRunSink | None) -> dict:
 
 
 def write_video_run(writer, cap, source, *, model_info: dict, opts: OutputOptions, command: list[str] | None,
-                    sink: VideoRunSink | None, extra_summary: dict | None = None, before_summary=None) -> dict:
+                    sink: VideoRunSink | None, extra_summary: dict | None = None, before_summary=None,
+                    image_info: dict | None = None) -> dict:
     """After tracking: `predictions.pt`, `before_summary(writer)` (run-level charts), then the summary."""
     from sam2_layerwise import __version__
 
@@ -226,7 +227,7 @@ def write_video_run(writer, cap, source, *, model_info: dict, opts: OutputOption
     frames = sorted(cap.prediction.frames, key=lambda f: f.index)
     summary = build_summary(
         attention=cap.attention, blocks=cap.blocks, model=model_info,
-        image={"path": None, "width": source.width, "height": source.height, "video": str(source.path)},
+        image=image_info or {"path": None, "width": source.width, "height": source.height, "video": str(source.path)},
         frame=cap.frame.to_dict(), prompts={**cap.prompts.to_dict(), "prompt_frame": cap.prompt_frame},
         capture_options=cap.options.to_dict(), output_options=opts.to_dict(),
         prediction={"file": layout.PREDICTIONS, "frames": len(frames), "layout": "frame axis (selected-frame order)",
