@@ -221,7 +221,7 @@ def mask_png(mask: np.ndarray, size: tuple[int, int], rgb: tuple[int, int, int])
     out[small, 3] = 140
     out[edge, 3] = 255
     buf = io.BytesIO()
-    Image.fromarray(out, "RGBA").save(buf, format="PNG", compress_level=6)
+    Image.fromarray(out, "RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -50,10 +50,10 @@ def _whole(text, name: str) -> int:
 
 
 class Recomputer:
-    """Answers clicks for one run; loaded tensors are kept for the last few calls (a b+ global block's q/k/v
-    is ~25 MiB a side)."""
+    """Answers clicks for one run. Tensor files are memory-mapped and kept open for the last few calls, so a
+    click reads only the pages of its own group."""
 
-    def __init__(self, vrun: ViewerRun, cache_calls: int = 4):
+    def __init__(self, vrun: ViewerRun, cache_calls: int = 8):
         self.vrun = vrun
         self.cache: OrderedDict = OrderedDict()
         self.cache_calls = cache_calls
@@ -91,7 +91,11 @@ class Recomputer:
             raise NotAvailable(f"{what} tensors were not saved")
         try:
             path = inside(half.run_dir, rel, "RUN_DIR")
-            data = safe_load(path)
+            try:
+                # memory-mapped: a click reads one group's rows, not a b+ stage-1 block's ~90 MiB of q/k/v
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # an old-format file cannot be mapped
+                data = safe_load(path)
         except Exception as exc:  # noqa: BLE001 - the run's problem, shown on the page
             raise NotAvailable(f"{half.title}: {rel} cannot be read ({condense(exc)})") from None
         if not isinstance(data, dict):
