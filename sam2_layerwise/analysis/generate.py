@@ -82,6 +82,24 @@ def layer_pairs(run: CompareRun) -> list[LayerPair]:
     return out
 
 
+def record_pairs(fp_records: list, q_records: list) -> list[LayerPair]:
+    """`layer_pairs` of two in-memory captures (`ImageCapture.attention`, no run files): the same LayerPairs,
+    with each record's summary entry (`store.summary.attention_entry`) as `fp` / `q`."""
+    from sam2_layerwise.store.summary import attention_entry
+
+    q_by = {(r.layer_key, r.call_index): r for r in q_records}
+    if len(q_by) != len(fp_records) or any((r.layer_key, r.call_index) not in q_by for r in fp_records):
+        raise ValueError("the two captures recorded different attention calls")
+    out = []
+    for i, r in enumerate(fp_records):
+        qr = q_by[r.layer_key, r.call_index]
+        if r.heads != qr.heads or r.kind != qr.kind:
+            raise ValueError(f"the two captures disagree on layer {r.layer_key} (heads or kind)")
+        out.append(LayerPair(order=i, layer_key=r.layer_key, call_index=r.call_index, name=r.name, kind=r.kind,
+                             heads=r.heads, fp=attention_entry(r), q=attention_entry(qr)))
+    return out
+
+
 def select_pairs(pairs: list[LayerPair], spec: str | None) -> list[LayerPair]:
     from sam2_layerwise import layers as layer_sel
 
@@ -177,10 +195,9 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
     return out
 
 
-def saved_errors(run: CompareRun, pair: LayerPair) -> dict[str, torch.Tensor]:
-    """Light mode's q/k/v and output errors, measured by compare (the quantized summary's `compare.errors`)."""
-    table = ((run.summaries["quantized"].get("compare") or {}).get("errors") or {})
-    found = table.get(pair.q.get("file_stem") or pair.layer_key) if isinstance(table, dict) else None
+def error_table(found, pair: LayerPair) -> dict[str, torch.Tensor] | None:
+    """One call's entry of `compare.errors` (`analysis.pair.selected_errors`) as name -> [heads] tensors;
+    None when it is malformed."""
     out = {}
     if not isinstance(found, dict):
         return out
@@ -190,10 +207,31 @@ def saved_errors(run: CompareRun, pair: LayerPair) -> dict[str, torch.Tensor]:
             continue
         if not isinstance(v, list) or len(v) != pair.heads or \
                 any(x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)) for x in v):
-            raise InputError(f"quantized/layerwise_summary.json: compare.errors of {pair.layer_key} is malformed",
-                             flag=FLAG, value=str(run.run_dir))
+            return None
         out[name] = torch.tensor([math.nan if x is None else float(x) for x in v], dtype=torch.float32)
     return out
+
+
+def saved_errors(run: CompareRun, pair: LayerPair) -> dict[str, torch.Tensor]:
+    """Light mode's q/k/v and output errors, measured by compare (the quantized summary's `compare.errors`)."""
+    table = ((run.summaries["quantized"].get("compare") or {}).get("errors") or {})
+    found = table.get(pair.q.get("file_stem") or pair.layer_key) if isinstance(table, dict) else None
+    out = error_table(found, pair)
+    if out is None:
+        raise InputError(f"quantized/layerwise_summary.json: compare.errors of {pair.layer_key} is malformed",
+                         flag=FLAG, value=str(run.run_dir))
+    return out
+
+
+def light_result(pair: LayerPair, p: torch.Tensor, q: torch.Tensor, k: int, errors: dict[str, torch.Tensor],
+                 fa: dict, qa: dict) -> LayerResult:
+    """Light mode's metrics of one layer: the selected rows p, q [n, heads, Nk] of both models, the q/k/v and
+    output errors [heads], and both captures' per-query statistics (`fa`/`qa`: dicts with `query_stats`).
+    The one implementation behind `generate` (rows read from a run) and `sweep` (rows from memory)."""
+    labels = [str(d.get("label")) for d in pair.fp["queries"] if isinstance(d, dict)]
+    per_query = {name: v for name, v in pair_metrics(p, q, k).items()}  # [n, heads]
+    return LayerResult(pair=pair, heads=list(range(pair.heads)), scope="selected queries", per_query=per_query,
+                       query_labels=labels, errors=errors, all_queries=_all_query_stats(None, pair, fa, qa))
 
 
 def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
@@ -204,11 +242,33 @@ def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
     if p.dim() != 3 or p.shape[1] != pair.heads:
         raise InputError(f"{pair.layer_key}: attention rows of shape {list(p.shape)} do not fit {pair.heads} heads",
                          flag=FLAG, value=str(run.run_dir))
-    labels = [str(d.get("label")) for d in pair.fp["queries"] if isinstance(d, dict)]
-    per_query = {name: v for name, v in pair_metrics(p, q, k).items()}  # [n, heads]
-    errors = saved_errors(run, pair)
-    return LayerResult(pair=pair, heads=list(range(pair.heads)), scope="selected queries", per_query=per_query,
-                       query_labels=labels, errors=errors, all_queries=_all_query_stats(run, pair, fa, qa))
+    return light_result(pair, p, q, k, saved_errors(run, pair), fa, qa)
+
+
+def measure_records(pair: LayerPair, fp_record, q_record, k: int, errors: dict | None) -> LayerResult:
+    """`measure_light` on two in-memory AttentionRecords; `errors`: `selected_errors`'s table (by file stem)."""
+    found = error_table((errors or {}).get(q_record.file_stem), pair) or {}
+    fa = {"probs": fp_record.probs, "query_stats": fp_record.query_stats}
+    qa = {"probs": q_record.probs, "query_stats": q_record.query_stats}
+    return light_result(pair, _float(fp_record.probs), _float(q_record.probs), k, found, fa, qa)
+
+
+def measure_captures(fp_cap, q_cap, errors: dict | None, k: int, heads: list[int] | None = None) -> dict:
+    """Light-mode metrics of two in-memory captures of the same image and prompts (what `generate` measures
+    from a compare run's files): {"heads": head_rows of every call, "impact": output_impact}."""
+    pairs = record_pairs(fp_cap.attention, q_cap.attention)
+    q_by = {(r.layer_key, r.call_index): r for r in q_cap.attention}
+    rows = []
+    for pair, fr in zip(pairs, fp_cap.attention):
+        rows += head_rows(measure_records(pair, fr, q_by[fr.layer_key, fr.call_index], k, errors), heads)
+    return {"heads": rows, "impact": output_impact(prediction_dict(fp_cap.prediction),
+                                                   prediction_dict(q_cap.prediction))}
+
+
+def prediction_dict(pred) -> dict:
+    """A `model.predict.Prediction` as the `predictions.pt` dict `output_impact` takes."""
+    return {"masks": torch.from_numpy(pred.masks), "iou_predictions": torch.from_numpy(pred.iou_predictions),
+            "low_res_logits": torch.from_numpy(pred.low_res_logits)}
 
 
 def probs_transform(full: dict, run, pair):
@@ -332,6 +392,43 @@ def impact(run: CompareRun) -> dict:
         raise InputError(f"its predictions cannot be compared ({exc})", flag=FLAG, value=str(run.run_dir)) from None
 
 
+_ATTRIBUTION_FIELDS = {"unit": str, "kind": str, "mode": str, "order": int, "sites": int, "iou": float,
+                       "baseline_iou": float, "delta_iou": float, "delta_iou_mean": float}
+
+
+def read_attribution(run: CompareRun) -> dict | None:
+    """`attribution.json` of a `compare --attribute` run, checked field by field (untrusted); None without one."""
+    from sam2_layerwise.store.compare_run import ATTRIBUTION, _read_json
+
+    named = run.manifest.get("attribution")
+    path = run.run_dir / ATTRIBUTION
+    if named is None and not path.exists():
+        return None
+    if named not in (None, ATTRIBUTION) or path.is_symlink():
+        raise InputError(f"manifest.json names an attribution file other than {ATTRIBUTION}", flag=FLAG,
+                         value=str(run.run_dir))
+    data = _read_json(path, ATTRIBUTION, FLAG, run.run_dir, limit=16 << 20)
+    bad = InputError(f"{ATTRIBUTION} is malformed; rerun compare --attribute", flag=FLAG, value=str(run.run_dir))
+    from sam2_layerwise.analysis.attribute import ATTRIBUTION_SCHEMA, ATTRIBUTION_VERSION, MODES
+
+    if data.get("schema") != ATTRIBUTION_SCHEMA or data.get("mode") not in MODES or \
+            not isinstance(data.get("units"), list):
+        raise bad
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > ATTRIBUTION_VERSION:
+        raise bad
+    for row in data["units"]:
+        if not isinstance(row, dict):
+            raise bad
+        for key, typ in _ATTRIBUTION_FIELDS.items():
+            v = row.get(key)
+            ok = (v is None and typ is float) or (isinstance(v, typ) and not isinstance(v, bool)) or \
+                (typ is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise bad
+    return data
+
+
 # -- the whole analysis --------------------------------------------------------------------------------------
 METRICS_SCHEMA = "sam2-layerwise/metrics"
 METRICS_VERSION = 1
@@ -357,6 +454,26 @@ def ranked(heads: list[dict], n: int) -> list[dict]:
         return (v is None or not math.isfinite(v), -(v or 0.0), r["order"], r["head"])
     return [{"rank": i + 1, **{c: r[c] for c in ("layer_key", "call_index", "layer", "kind", "head")},
              **{c: r.get(c) for c in RANK_COLUMNS}} for i, r in enumerate(sorted(heads, key=key)[:n])]
+
+
+def ranked_layers(heads: list[dict]) -> list[dict]:
+    """Layers by the mean over their heads of mean JS, highest first, with their most changed head."""
+    by_layer: dict[tuple, list[dict]] = {}
+    for r in heads:
+        by_layer.setdefault((r["order"], r["layer_key"], r["call_index"]), []).append(r)
+    rows = []
+    for (order, key, call), rs in by_layer.items():
+        js = [r["js_mean"] for r in rs if r["js_mean"] is not None and math.isfinite(r["js_mean"])]
+        top = max(rs, key=lambda r: -1.0 if r["js_mean"] is None or not math.isfinite(r["js_mean"]) else r["js_mean"])
+        rows.append({"layer_key": key, "call_index": call, "layer": rs[0]["layer"], "kind": rs[0]["kind"],
+                     "order": order, "heads": len(rs), "js_mean": sum(js) / len(js) if js else None,
+                     "js_max_head": max(js) if js else None, "most_changed_head": top["head"],
+                     **{n: (sum(v) / len(v) if (v := [r[n] for r in rs if r.get(n) is not None
+                                                       and math.isfinite(r[n])]) else None)
+                        for n in ("entropy_norm_delta", "topk_overlap", "q_rel_err", "k_rel_err", "v_rel_err",
+                                  "out_rel_err")}})
+    rows.sort(key=lambda r: (r["js_mean"] is None, -(r["js_mean"] or 0.0), r["order"]))
+    return [{"rank": i + 1, **r} for i, r in enumerate(rows)]
 
 
 def impact_title(imp: dict) -> str:
@@ -394,7 +511,7 @@ def analyse(run: CompareRun, opts: GenerateOptions, on_layer=None) -> dict:
                          f"heads)", flag="--heads", value=opts.heads)
     imp = impact(run)
     return {"heads": head_table, "queries": query_table, "layers": layers, "impact": imp, "k": k,
-            "ranking": ranked(head_table, opts.rank)}
+            "ranking": ranked(head_table, opts.rank), "ranking_layers": ranked_layers(head_table), "attribution": read_attribution(run)}
 
 
 def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer, command: list[str] | None) -> dict:
@@ -413,12 +530,15 @@ def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer,
                                                        "group", "index", *PAIR_METRICS])
     files = {"metrics": f"{out}/metrics.json", "heads_csv": f"{out}/metrics_heads.csv",
              "queries_csv": f"{out}/metrics_queries.csv", "ranking_txt": f"{out}/ranking.txt",
-             "ranking_json": f"{out}/ranking.json", "plots": []}
+             "ranking_json": f"{out}/ranking.json", "ranking_layers_txt": f"{out}/ranking_layers.txt", "plots": []}
     atomic_write_bytes(heads.to_csv(index=False, float_format="%.17g").encode(), writer.path(files["heads_csv"]))
     atomic_write_bytes(queries.to_csv(index=False, float_format="%.17g").encode(), writer.path(files["queries_csv"]))
     rank = pd.DataFrame(result["ranking"])
     atomic_write_bytes(rank.to_csv(sep="\t", index=False, float_format="%.6g").encode(), writer.path(files["ranking_txt"]))
     atomic_write_json(clean(result["ranking"]), writer.path(files["ranking_json"]))
+    layers_rank = pd.DataFrame(result["ranking_layers"]).drop(columns=["order"])
+    atomic_write_bytes(layers_rank.to_csv(sep="\t", index=False, float_format="%.6g").encode(),
+                       writer.path(files["ranking_layers_txt"]))
     title = impact_title(result["impact"])
     for metric in PLOTTED:
         if metric in heads and heads[metric].notna().any():
@@ -428,6 +548,20 @@ def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer,
     rel = f"{out}/plots/layers_js_mean.png"
     layer_chart(heads, "js_mean", writer.path(rel), title="mean JS divergence per layer (FP vs Q)\n" + title)
     files["plots"].append(rel)
+    attribution = result.get("attribution")
+    if attribution and attribution["units"]:
+        from sam2_layerwise.metrics.plots import attribution_chart
+
+        table = pd.DataFrame(attribution["units"])
+        files["attribution_csv"] = f"{out}/attribution.csv"
+        atomic_write_bytes(table.to_csv(index=False, float_format="%.17g").encode(),
+                           writer.path(files["attribution_csv"]))
+        rel = f"{out}/plots/attribution.png"
+        what = ("IoU with the layer restored to full precision minus the quantized model's" if attribution["mode"] ==
+                "restore" else "IoU with only the layer quantized minus 1")
+        attribution_chart(list(table["unit"]), table["delta_iou"].astype(float), writer.path(rel),
+                          title=f"attribution ({attribution['mode']}): {what}\n(chosen masks against the FP model's)")
+        files["plots"].append(rel)
     metrics = clean({
         "schema": METRICS_SCHEMA, "schema_version": METRICS_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -442,6 +576,8 @@ def write_analysis(run: CompareRun, result: dict, opts: GenerateOptions, writer,
         "layers": result["layers"],
         "heads": result["heads"],
         "ranking": result["ranking"],
+        "ranking_layers": result["ranking_layers"],
+        "attribution": attribution,
         "files": files,
     })
     atomic_write_json(metrics, writer.path(files["metrics"]))

@@ -129,27 +129,104 @@ def _drop_whole_grid_qkv(cap, full: bool) -> None:
             rec.qkv = None
 
 
+def output_options(full: bool, full_dtype: str = "fp32"):
+    """What each half of a compare run saves. Tensors of every selected query are saved whole (never key-pooled):
+    generate compares them exactly."""
+    from sam2_layerwise.store.image_run import OutputOptions
+
+    return OutputOptions(save_attn=True, save_qkv=True, max_tokens=1 << 62, prediction_images=True,
+                         save_full=FULL_DTYPES[full_dtype] if full else None)
+
+
+def image_info(path, image: np.ndarray, sha256: str | None = None) -> dict:
+    from sam2_layerwise.store import compare_run as cr
+
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": sha256 or cr.sha256_file(path), "width": int(image.shape[1]),
+            "height": int(image.shape[0])}
+
+
+def model_entry(loaded, qm, cap, hashes: dict | None = None) -> dict:
+    """`manifest.json`'s `models.<half>`; `hashes` (config_sha256, checkpoint_sha256) when already known."""
+    from sam2_layerwise.store import compare_run as cr
+
+    if hashes is None:
+        ckpt = loaded.checkpoint_path
+        hashes = {"config_sha256": cr.sha256_file(loaded.config_path),
+                  "checkpoint_sha256": cr.sha256_file(ckpt) if ckpt else None}
+    return {**loaded.describe(), **hashes, "quantized": qm is not None, "nonfinite": cap.nonfinite_report()["first"]}
+
+
+def write_half(writer, name: str, cap, image: np.ndarray, *, model_info: dict, image_info: dict, out_opts,
+               command: list[str], mode: str, full: bool, qm=None, kept: dict | None = None,
+               extra: dict | None = None) -> None:
+    """One half (`original/` or `quantized/`) of a compare run, in visualize's layout. For the quantized half
+    (`qm` given) the summary also gets the quantizers' report and `compare.errors` measured against `kept`
+    (the original half's `_kept`)."""
+    from sam2_layerwise.cli.quantize import annotate_capture
+    from sam2_layerwise.store.image_run import write_image_run
+
+    summary_extra = {"compare": {"half": name, "mode": mode}}
+    if qm is not None:
+        summary_extra.update(annotate_capture(cap, qm))
+        _attach_probs_quantizers(cap, qm)
+        summary_extra["compare"]["errors"] = selected_errors(kept, cap)
+    summary_extra.update(extra or {})
+    _drop_whole_grid_qkv(cap, full)
+    write_image_run(writer.sub(name), cap, image, model_info=model_info, image_info=image_info, opts=out_opts,
+                    command=command, extra_summary=summary_extra)
+
+
+def compare_manifest(args, *, mode: str, models: dict, image_info: dict, prompts, calls: int, qcfg,
+                     extra: dict | None = None) -> dict:
+    """`manifest.json` of a compare run (docs/compare.md): written last."""
+    from sam2_layerwise.store import compare_run as cr
+
+    full_dtype = getattr(args, "full_dtype", "fp32")
+    qpath = Path(args.config_quantized).expanduser()
+    return {
+        "schema": cr.SCHEMA, "schema_version": cr.SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["sam2-layerwise", *getattr(args, "argv", [])],
+        "versions": _versions(),
+        "mode": mode,
+        "full_dtype": FULL_DTYPES[full_dtype] if mode == "full" else None,
+        "halves": {name: f"{name}/" for name in cr.HALVES},
+        "models": models,
+        "quantization_config": {"path": str(qpath.resolve()), "sha256": cr.sha256_file(qpath),
+                                "text": qpath.read_text(errors="replace"),
+                                "base_config": getattr(qcfg, "base_config", None)},
+        "image": image_info,
+        "prompts": prompts.to_dict(),
+        "capture_options": {"max_attn_queries": args.max_attn_queries, "stats_topk": args.stats_topk,
+                            "layers": args.layers, "device": args.device, "precision": args.precision,
+                            "single_mask": bool(args.single_mask), "image_size": args.image_size},
+        "attention_calls": calls,
+        **(extra or {}),
+    }
+
+
 def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir: Path, *, args) -> dict:
-    """Capture each model in turn into `out_dir/<name>/`; write `manifest.json` last. Returns a small report."""
+    """Capture each model in turn into `out_dir/<name>/`; write `manifest.json` last. Returns a small report.
+
+    With `args.attribute`, the quantized model is also run with one layer at a time restored to full
+    precision (`analysis.attribute`) and `attribution.json` is written beside the halves."""
     from sam2_layerwise import layers as layer_sel
     from sam2_layerwise.api import capture_image
     from sam2_layerwise.capture import CaptureOptions
-    from sam2_layerwise.cli.quantize import annotate_capture
     from sam2_layerwise.store import compare_run as cr
     from sam2_layerwise.store.atomic import atomic_write_json
-    from sam2_layerwise.store.image_run import OutputOptions, write_image_run
     from sam2_layerwise.store.layout import RunWriter
 
     full = bool(args.save_full_attn)
     mode = "full" if full else "light"
-    image_path = Path(args.image).resolve()
-    image_info = {"path": str(image_path), "sha256": cr.sha256_file(image_path), "width": int(image.shape[1]),
-                  "height": int(image.shape[0])}
-    # Tensors of every selected query are saved whole (never key-pooled): generate compares them exactly.
-    out_opts = OutputOptions(save_attn=True, save_qkv=True, max_tokens=1 << 62, prediction_images=True,
-                             save_full=FULL_DTYPES[args.full_dtype] if full else None)
-    models, selection, calls = {}, None, 0
-    owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS)  # a new compare also drops the old run's analysis
+    attribute = getattr(args, "attribute", False)
+    info = image_info(args.image, image)
+    out_opts = output_options(full, args.full_dtype)
+    command = ["sam2-layerwise", *getattr(args, "argv", [])]
+    models, selection, calls, extra = {}, None, 0, {}
+    fp_side = None  # attribution: what the float half leaves behind (state, prediction, block cache)
+    owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)  # a new compare also drops the old analysis
     with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer:
         for spec in specs:
             loaded, qm = _build(spec, args)
@@ -160,9 +237,15 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                                      layers=None if args.layers is None else tuple(chosen))
             log.info("%s: %s (%s) on %s, %d attention modules", spec.name, loaded.config_path.name,
                      loaded.checkpoint_path, loaded.device, len(chosen))
+            cache = None
+            # the baseline attribution restarts from: the quantized run (restore), the float run (isolate)
+            if attribute and (qm is None) == (getattr(args, "attribute_mode", "restore") == "isolate"):
+                from sam2_layerwise.analysis.attribute import ForwardCache
+
+                cache = ForwardCache(loaded.model)
             with tqdm(total=len(chosen), desc=f"capturing {spec.name}", unit="attn",
                       disable=True if args.quiet else None) as bar, \
-                    (qm.monitoring() if qm else contextlib.nullcontext()):
+                    (qm.monitoring() if qm else contextlib.nullcontext()), (cache or contextlib.nullcontext()):
                 cap = capture_image(loaded.model, image, prompts, options, multimask=not args.single_mask,
                                     precision=args.precision, on_record=lambda r: bar.update(1))
             if selection is None:
@@ -171,47 +254,35 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 raise CaptureError("the two models selected different query tokens (their architectures differ); "
                                    "compare needs the quantized twin of the original model",
                                    flag="--config-quantized", value=args.config_quantized)
-            extra = {"compare": {"half": spec.name, "mode": mode}}
-            if qm is not None:
-                extra.update(annotate_capture(cap, qm))
-                _attach_probs_quantizers(cap, qm)
-                extra["compare"]["errors"] = selected_errors(kept, cap)
-                del kept
-            _drop_whole_grid_qkv(cap, full)
-            write_image_run(writer.sub(spec.name), cap, image, model_info=loaded.describe(), image_info=image_info,
-                            opts=out_opts, command=["sam2-layerwise", *getattr(args, "argv", [])],
-                            extra_summary=extra)
+            if attribute and qm is None:
+                fp_side = {"state": {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()},
+                           "prediction": cap.prediction, "cache": cache}
+            elif attribute:
+                extra["attribution"] = _attribute_one(loaded.model, qm, image, prompts, cap, cache, fp_side, args)
+                atomic_write_json(extra["attribution"], writer.path(cr.ATTRIBUTION))
+                fp_side = None
+            write_half(writer, spec.name, cap, image, model_info=loaded.describe(), image_info=info,
+                       out_opts=out_opts, command=command, mode=mode, full=full, qm=qm,
+                       kept=kept if qm is not None else None)
             calls = len(cap.attention)
-            ckpt = loaded.checkpoint_path
-            models[spec.name] = {
-                **loaded.describe(),
-                "config_sha256": cr.sha256_file(loaded.config_path),
-                "checkpoint_sha256": cr.sha256_file(ckpt) if ckpt else None,
-                "quantized": qm is not None,
-                "nonfinite": cap.nonfinite_report()["first"],
-            }
-            del cap, loaded, qm
+            models[spec.name] = model_entry(loaded, qm, cap)
+            del cap, loaded, qm, cache
             gc.collect()  # one model at a time
-        qcfg = specs[-1].qcfg
-        qpath = Path(args.config_quantized).expanduser()
-        manifest = {
-            "schema": cr.SCHEMA, "schema_version": cr.SCHEMA_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": ["sam2-layerwise", *getattr(args, "argv", [])],
-            "versions": _versions(),
-            "mode": mode,
-            "full_dtype": FULL_DTYPES[args.full_dtype] if full else None,
-            "halves": {name: f"{name}/" for name in cr.HALVES},
-            "models": models,
-            "quantization_config": {"path": str(qpath.resolve()), "sha256": cr.sha256_file(qpath),
-                                    "text": qpath.read_text(errors="replace"),
-                                    "base_config": getattr(qcfg, "base_config", None)},
-            "image": image_info,
-            "prompts": prompts.to_dict(),
-            "capture_options": {"max_attn_queries": args.max_attn_queries, "stats_topk": args.stats_topk,
-                                "layers": args.layers, "device": args.device, "precision": args.precision,
-                                "single_mask": bool(args.single_mask), "image_size": args.image_size},
-            "attention_calls": calls,
-        }
+        manifest = compare_manifest(args, mode=mode, models=models, image_info=info, prompts=prompts, calls=calls,
+                                    qcfg=specs[-1].qcfg,
+                                    extra={"attribution": cr.ATTRIBUTION} if attribute else None)
         atomic_write_json(manifest, writer.path(cr.MANIFEST))
-    return {"mode": mode, "attention_calls": calls}
+    return {"mode": mode, "attention_calls": calls, "attribution": extra.get("attribution")}
+
+
+def _attribute_one(model, qm, image, prompts, q_cap, q_cache, fp_side, args) -> dict:
+    """compare --attribute: the float half's state and prediction against the quantized model in memory."""
+    from sam2_layerwise.analysis.attribute import AttributionContext, attribution_report, attribute
+
+    ctx = AttributionContext.for_models(model, qm, fp_state=fp_side["state"], image=image, prompts=prompts,
+                                        multimask=not args.single_mask, precision=args.precision)
+    ctx.set_baselines(fp_prediction=fp_side["prediction"], fp_cache=fp_side["cache"],
+                      q_prediction=q_cap.prediction, q_cache=q_cache)
+    mode = getattr(args, "attribute_mode", None) or "restore"
+    rows = attribute(ctx, layers=getattr(args, "attribute_layers", None), mode=mode)
+    return attribution_report(rows, ctx, mode)

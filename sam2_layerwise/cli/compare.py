@@ -53,6 +53,14 @@ def add_arguments(p) -> None:
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (default) or bf16 autocast (CUDA only)")
+    p.add_argument("--attribute", action="store_true",
+                   help="counterfactual attribution: run the quantized model with each layer in turn restored to "
+                        "full precision and record the change of mask IoU against the float model (attribution.json)")
+    p.add_argument("--attribute-mode", choices=["restore", "isolate"], default=None,
+                   help="restore (default): only that layer in full precision; isolate: only that layer quantized")
+    p.add_argument("--attribute-layers", default=None, metavar="LAYERS",
+                   help="units to attribute (names, globs, ranges); default every Hiera block, decoder attention "
+                        "layer and other quantized component")
     donor = argparse.ArgumentParser(add_help=False)
     visualize.add_arguments(donor)
     for action in donor._actions:
@@ -77,6 +85,14 @@ def prepare(args):
 
     if args.full_dtype != "fp32" and not args.save_full_attn:
         raise InputError("only applies to --save-full-attn", flag="--full-dtype", value=args.full_dtype)
+    for flag, value in (("--attribute-mode", args.attribute_mode), ("--attribute-layers", args.attribute_layers)):
+        if value is not None and not args.attribute:
+            raise InputError("only applies with --attribute", flag=flag, value=value)
+    if args.attribute_layers is not None:
+        from sam2_layerwise.layers import expand
+
+        expand(args.attribute_layers, "--attribute-layers")
+    args.attribute_mode = args.attribute_mode or "restore"
     with renamed_flags(QUANT_FLAGS):
         qcfg = load_quant_config(args.config_quantized)
     base = resolve_base_config(qcfg)

@@ -46,7 +46,7 @@ run 'sam2-layerwise COMMAND --help' for a command's flags."""
 
 def _commands():
     """name -> (module with add_arguments/run, help). A registry: adding a command is adding an entry."""
-    from sam2_layerwise.cli import compare, generate, init_checkpoint, quantize, render, view, visualize, visualize_quantized
+    from sam2_layerwise.cli import compare, generate, init_checkpoint, quantize, render, sweep, view, visualize, visualize_quantized
 
     return {
         "visualize": (visualize, "capture every attention module for one image and a click; write the run directory"),
@@ -57,6 +57,9 @@ def _commands():
                              "with both (the seed's compare_quantization.py)"),
         "generate": (generate, "per layer and head metrics of a compare run (JS, entropy, top-k, q/k/v error), "
                                "output impact, tables and plots"),
+        "sweep": (sweep, "compare the float and quantized models over many images (a folder or a manifest): Parquet "
+                         "tables, per layer x head ranking over items, causal per-layer attribution; resumable; "
+                         "local or on Ray"),
         "view": (view, "serve a run's viewer page locally: browse layers and heads, click any point of the photograph "
                        "to see both models' attention there (recomputed from saved q/k, no model)"),
         "quantize": (quantize, "calibrate a quantized checkpoint from a float one on a few images (post-training)"),

@@ -170,3 +170,34 @@ def layer_chart(table, metric: str, path, title: str) -> Path:
     ax.set_title(title, fontsize=FONT + 1.5, loc="left")
     fig.savefig(path, format="png", dpi=DPI)
     return Path(path)
+
+
+def attribution_chart(units: list[str], delta, path, title: str, low=None, high=None) -> Path:
+    """Bar chart of counterfactual attribution: one bar per unit (model order) of its change of mask IoU
+    (`delta`, e.g. IoU with the unit restored minus IoU of the quantized model); `low` / `high` (optional)
+    draw a range per bar (min..max over items). Written as a PNG to `path`; returns the path."""
+    delta = np.asarray(delta, dtype=float)
+    labels = [u.replace("image_encoder_trunk_blocks_", "block ").replace("sam_mask_decoder_transformer_", "dec ")
+              .replace("sam_mask_decoder_", "dec ") for u in units]
+    label_w = max((_text_in(label) for label in labels), default=0.5)
+    plot_w, plot_h = max(0.26 * len(units), 4.0), 2.6
+    title_lines = title.count("\n") + 1
+    top_in, bottom_in, left_in, right_in = 0.3 + 0.17 * title_lines, label_w * 0.87 + 0.3, 0.9, 0.3
+    width, height = left_in + plot_w + right_in, top_in + plot_h + bottom_in
+    fig = _figure(width, height)
+    ax = fig.add_axes((left_in / width, bottom_in / height, plot_w / width, plot_h / height))
+    x = np.arange(len(units))
+    ax.bar(x, np.nan_to_num(delta), color=np.where(np.nan_to_num(delta) >= 0, "#21918c", "#b5367a"))
+    if low is not None and high is not None:
+        lo, hi = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+        ax.errorbar(x, delta, yerr=[np.maximum(delta - lo, 0), np.maximum(hi - delta, 0)], fmt="none",
+                    ecolor="#333", linewidth=0.7)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, labels, fontsize=FONT, rotation=60, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.5, max(len(units) - 0.5, 0.5))
+    ax.tick_params(axis="y", labelsize=FONT)
+    ax.set_ylabel("change of mask IoU", fontsize=FONT + 1)
+    ax.grid(True, axis="y", linewidth=0.4, alpha=0.5)
+    ax.set_title(title, fontsize=FONT + 1.5, loc="left")
+    fig.savefig(path, format="png", dpi=DPI)
+    return Path(path)

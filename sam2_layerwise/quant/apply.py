@@ -211,7 +211,14 @@ class _LayerQuant:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
         self.module._parameters["weight"] = self.float_weight
+
+    def attach(self) -> None:
+        """Hooks back after `remove()`, with the fake-quantized weight computed at install (nothing recomputed)."""
+        if not self.handles:
+            self.handles = [self.module.register_forward_pre_hook(self.pre),
+                            self.module.register_forward_hook(self.post, always_call=True)]
 
 
 class QuantKernel:
@@ -310,6 +317,35 @@ class QuantizedModel:
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
         self.installed = False
+
+    @contextlib.contextmanager
+    def suspended(self, modules=None):
+        """Run some modules in float for the duration of the block: their layer hooks and quantized kernels are
+        taken out (all of them when `modules` is None; else a container of module names or a predicate on a
+        name), the other modules stay quantized. Fake-quantized weights are kept, so switching back costs
+        nothing. Inside, those modules compute exactly what the float model computes (torch's own SDPA, the
+        float weight objects)."""
+        if modules is None:
+            pick = lambda name: True  # noqa: E731
+        elif callable(modules):
+            pick = modules
+        else:
+            names = set(modules)
+            pick = names.__contains__
+        layers = [lq for name, lq in self._layers.items() if pick(name) and lq.handles]
+        kernels = [dispatch.routing(m, name) for name, m in self._kernels.items() if pick(name)]
+        saved = [(state, state.kernel) for state in kernels]
+        for lq in layers:
+            lq.remove()
+        for state in kernels:
+            state.kernel = None
+        try:
+            yield self
+        finally:
+            for state, kernel in saved:
+                state.kernel = kernel
+            for lq in layers:
+                lq.attach()
 
     def refresh_weights(self) -> None:
         """Recompute the fake-quantized weights from the float ones (after they changed, e.g. in training) and

@@ -21,6 +21,7 @@ SCHEMA = COMPARE_RUN.schema
 SCHEMA_VERSION = 1
 HALVES = ("original", "quantized")
 ANALYSIS = "analysis"
+ATTRIBUTION = "attribution.json"  # compare --attribute: per-layer counterfactual IoU changes
 MODES = {"light": "--save-raw", "full": "--save-full-attn"}
 
 

@@ -59,7 +59,8 @@ class RunKind:
 
 IMAGE_RUN = RunKind(SUMMARY, "sam2-layerwise/summary", "sam2-layerwise visualize")
 COMPARE_RUN = RunKind("manifest.json", "sam2-layerwise/compare", "sam2-layerwise compare")  # store.compare_run
-KINDS: dict[str, RunKind] = {"image": IMAGE_RUN, "compare": COMPARE_RUN}
+SWEEP_RUN = RunKind("sweep.json", "sam2-layerwise/sweep", "sam2-layerwise sweep")  # sweep.store
+KINDS: dict[str, RunKind] = {"image": IMAGE_RUN, "compare": COMPARE_RUN, "sweep": SWEEP_RUN}
 
 COMMITTED: list[Path] = []  # run directories replaced by this process, in order (the CLI's last words use it)
 

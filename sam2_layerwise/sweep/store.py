@@ -1,0 +1,324 @@
+"""The sweep directory: `sweep.json`, one result shard per finished item (`parts/<key>/`), the tables
+(`items.parquet`, `heads.parquet`, `attribution.parquet`), the aggregation (`sweep/`) and, with --keep-runs,
+one compare run per item (`runs/`). Layout and columns: docs/sweep.md.
+
+Resumable: a shard is written whole (staged, then renamed) as soon as its item is done, so a sweep killed at any
+point keeps every finished item; a rerun over the same directory skips them. A directory made with other models
+or options is refused, naming what differs. Everything read back (sweep.json, shards) is untrusted: a shard that
+does not read back as this tool wrote it is computed again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from sam2_layerwise.errors import InputError
+from sam2_layerwise.store import layout
+
+log = logging.getLogger("sam2_layerwise")
+
+SWEEP_RUN = layout.KINDS["sweep"]
+MANIFEST = SWEEP_RUN.marker
+SCHEMA = SWEEP_RUN.schema
+SCHEMA_VERSION = 1
+PARTS, RUNS, AGGREGATE = "parts", "runs", "sweep"
+ITEMS, HEADS, ATTRIBUTION = "items.parquet", "heads.parquet", "attribution.parquet"
+LOCK = ".sweep.lock"
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- table columns (docs/sweep.md) ---------------------------------------------------------------------------
+def _head_metrics() -> tuple[str, ...]:
+    from sam2_layerwise.analysis.generate import ALL_QUERY_STATS, ERRORS
+    from sam2_layerwise.metrics import PAIR_METRICS
+
+    return ("js_mean", "js_p95", "js_max", *[m for m in PAIR_METRICS if m != "js"], *ERRORS,
+            *[f"all_queries_{s}_{x}" for s in ALL_QUERY_STATS for x in ("fp", "q", "delta")])
+
+
+def columns() -> dict[str, dict[str, str]]:
+    """table -> {column: dtype}, in order."""
+    from sam2_layerwise.analysis.attribute import ROW_COLUMNS
+    from sam2_layerwise.sweep.worker import ITEM_METRICS, TIMINGS
+
+    item = {"item": "int64", "key": "str", "image": "str", "image_sha256": "str", "width": "Int64",
+            "height": "Int64", "source": "str", "prompt": "str", "points": "str", "box": "str", "mask": "str",
+            "status": "str", "error": "str"}
+    item.update({m: "float64" for m in ITEM_METRICS})
+    item.update(chosen_fp="Int64", chosen_q="Int64", chosen_changed="boolean")
+    item.update({t: "float64" for t in TIMINGS})
+    heads = {"item": "int64", "key": "str", "order": "int64", "layer": "str", "layer_key": "str",
+             "call_index": "int64", "kind": "str", "head": "int64", "scope": "str", "n_queries": "int64"}
+    heads.update({m: "float64" for m in _head_metrics()})
+    attribution = {"item": "int64", "key": "str"}
+    attribution.update({c: "float64" for c in ROW_COLUMNS})
+    attribution.update(order="int64", unit="str", kind="str", mode="str", sites="int64", params="int64",
+                       restart="str", chosen_changed="bool")
+    return {"items": item, "heads": heads, "attribution": attribution}
+
+
+def frame(rows, schema: dict[str, str]) -> pd.DataFrame:
+    """Rows (dicts, or a DataFrame) -> a DataFrame with exactly `schema`'s columns and dtypes (missing values:
+    NaN / None / <NA>)."""
+    df = rows.reindex(columns=list(schema)) if isinstance(rows, pd.DataFrame) else \
+        pd.DataFrame(rows, columns=list(schema))
+    for col, dtype in schema.items():
+        if dtype == "str":
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+        else:
+            df[col] = df[col].astype(dtype)
+    return df
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False, engine="pyarrow")
+    return buf.getvalue()
+
+
+# -- sweep.json ----------------------------------------------------------------------------------------------
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s[:14] + "..." if isinstance(v, str) and len(v) > 16 else s
+
+
+def identity_differences(ours: dict, theirs: dict) -> list[str]:
+    a, b = _flat(ours), _flat(theirs if isinstance(theirs, dict) else {})
+    return [f"{k} ({_short(a.get(k))} now, {_short(b.get(k))} there)" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+class SweepDir:
+    """An open sweep directory (locked against a second sweep writing into it)."""
+
+    def __init__(self, path: Path, flag: str = "--output-dir"):
+        self.path = path
+        self.flag = flag
+        self._lock_fd: int | None = None
+        self.manifest: dict = {}
+
+    @classmethod
+    def open(cls, path, identity: dict, flag: str = "--output-dir") -> "SweepDir":
+        """Check `path` (new, empty, or a sweep of the same models and options), lock it, write sweep.json."""
+        p = layout.check_output_dir(path, flag, SWEEP_RUN)
+        d = cls(p, flag)
+        existing = None
+        if (p / MANIFEST).is_file():
+            existing = d._read_manifest()
+            theirs = existing.get("identity")
+            diff = identity_differences(identity, theirs)
+            if diff:
+                raise InputError(f"holds a sweep made with other models or options, so it cannot be resumed: "
+                                 f"{'; '.join(diff[:4])}{' (+%d more)' % (len(diff) - 4) if len(diff) > 4 else ''}; "
+                                 f"give a new --output-dir or the same flags", flag=flag, value=str(path))
+        p.mkdir(parents=True, exist_ok=True)
+        d.manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                      "created": (existing or {}).get("created") or _now(), "identity": identity}
+        if existing is None:
+            d.write_manifest(status="running")  # the directory is a sweep from now on (resumable)
+        d._lock()
+        return d
+
+    def _read_manifest(self) -> dict:
+        try:
+            data = json.loads((self.path / MANIFEST).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{MANIFEST} cannot be read ({type(exc).__name__}); not a sweep directory this tool "
+                             f"can resume", flag=self.flag, value=str(self.path)) from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise InputError(f"{MANIFEST} is not a sam2-layerwise sweep manifest", flag=self.flag,
+                             value=str(self.path))
+        version = data.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InputError(f"{MANIFEST} has no valid schema_version", flag=self.flag, value=str(self.path))
+        if version > SCHEMA_VERSION:
+            raise InputError(f"{MANIFEST} is schema version {version}, newer than this tool reads "
+                             f"({SCHEMA_VERSION}); upgrade sam2-layerwise", flag=self.flag, value=str(self.path))
+        if not isinstance(data.get("identity"), dict):
+            raise InputError(f"{MANIFEST} lacks its identity (models and options)", flag=self.flag,
+                             value=str(self.path))
+        return data
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError("another sweep is writing into this directory right now; wait for it or give another "
+                             "--output-dir", flag=self.flag, value=str(self.path)) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def write_manifest(self, **fields) -> None:
+        from sam2_layerwise.store.atomic import atomic_write_json
+
+        self.manifest.update(fields, updated=_now())
+        atomic_write_json(self.manifest, self.path / MANIFEST)
+
+    # -- shards --------------------------------------------------------------------------------------------
+    def part_dir(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"not an item key: {key!r}")
+        return self.path / PARTS / key
+
+    def write_part(self, result: dict) -> None:
+        """One item's result, staged and renamed into `parts/<key>/` (a failed item's shard is replaced by
+        the next attempt's)."""
+        schema = columns()
+        key = result["key"]
+        row = {"key": key, "status": result["status"], "error": result["error"], "width": result.get("width"),
+               "height": result.get("height"), **result.get("metrics", {}), **result.get("timings", {})}
+        item_cols = {c: t for c, t in schema["items"].items() if c in _result_item_columns()}
+        heads = [{"key": key, "item": -1, **r} for r in result.get("heads", [])]
+        attribution = [{"key": key, "item": -1, **r} for r in result.get("attribution", [])]
+        final = self.part_dir(key)
+        stage = final.parent / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        stage.mkdir(parents=True)
+        try:
+            (stage / "item.parquet").write_bytes(_parquet_bytes(frame([row], item_cols)))
+            (stage / "heads.parquet").write_bytes(_parquet_bytes(frame(heads, schema["heads"])))
+            (stage / "attribution.parquet").write_bytes(_parquet_bytes(frame(attribution, schema["attribution"])))
+            for f in stage.iterdir():
+                os.chmod(f, 0o666 & ~_umask())
+            if final.exists():
+                old = final.parent / f".{key}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                os.rename(stage, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(stage, final)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if self.path not in layout.COMMITTED:
+            layout.COMMITTED.append(self.path)  # an interrupted sweep keeps what it finished: the CLI says so
+
+    def read_part(self, key: str) -> dict | None:
+        """{"item": row dict, "heads": DataFrame, "attribution": DataFrame} of a finished shard, or None when
+        the shard is missing or does not read back as this tool wrote it."""
+        d = self.part_dir(key)
+        if not d.is_dir() or d.is_symlink():
+            return None
+        schema = columns()
+        try:
+            item = pd.read_parquet(d / "item.parquet", engine="pyarrow")
+            heads = pd.read_parquet(d / "heads.parquet", engine="pyarrow")
+            attribution = pd.read_parquet(d / "attribution.parquet", engine="pyarrow")
+        except Exception as exc:  # noqa: BLE001 - a damaged shard is computed again
+            log.warning("sweep: the result of item %s cannot be read back (%s); computing it again", key[:12],
+                        type(exc).__name__)
+            return None
+        ok = (len(item) == 1 and item["key"].iloc[0] == key and set(item.columns) <= set(schema["items"])
+              and {"status", "error"} <= set(item.columns)
+              and list(heads.columns) == list(schema["heads"]) and (heads["key"] == key).all()
+              and list(attribution.columns) == list(schema["attribution"]) and (attribution["key"] == key).all())
+        if not ok:
+            log.warning("sweep: the result of item %s is not a shard this tool wrote; computing it again", key[:12])
+            return None
+        return {"item": item.iloc[0].to_dict(), "heads": heads, "attribution": attribution}
+
+    def finished(self) -> set[str]:
+        """Keys whose shards say `ok` (failed items are tried again)."""
+        out = set()
+        parts = self.path / PARTS
+        if not parts.is_dir():
+            return out
+        for d in parts.iterdir():
+            if not _KEY.match(d.name) or not d.is_dir():
+                if d.name.startswith(".") and (".partial-" in d.name or ".old-" in d.name):
+                    shutil.rmtree(d, ignore_errors=True)  # left by a killed sweep
+                continue
+            try:
+                status = pd.read_parquet(d / "item.parquet", columns=["status"], engine="pyarrow")["status"]
+            except Exception:  # noqa: BLE001 - unreadable: not finished
+                continue
+            if len(status) == 1 and status.iloc[0] == "ok":
+                out.add(d.name)
+        return out
+
+    # -- tables --------------------------------------------------------------------------------------------
+    def write_table(self, name: str, df: pd.DataFrame) -> None:
+        from sam2_layerwise.store.atomic import atomic_write_bytes
+
+        atomic_write_bytes(_parquet_bytes(df), self.path / name)
+
+
+def _result_item_columns() -> tuple[str, ...]:
+    """The items table's columns a shard holds (the rest comes from the plan)."""
+    from sam2_layerwise.sweep.worker import ITEM_METRICS, TIMINGS
+
+    return ("key", "status", "error", "width", "height", *ITEM_METRICS, *TIMINGS)
+
+
+def _umask() -> int:
+    from sam2_layerwise.store.atomic import UMASK
+
+    return UMASK
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def assemble(sweep: SweepDir, items: list, results: dict[str, dict] | None = None) -> dict[str, pd.DataFrame]:
+    """The three tables for `items` (in input order) from their shards: item metadata from the plan, values
+    from the shard of the item's key (the same key twice shares one result)."""
+    schema = columns()
+    rows, heads, attribution = [], [], []
+    cache: dict[str, dict | None] = {}
+    for it in items:
+        if it.key not in cache:
+            cache[it.key] = sweep.read_part(it.key)
+        part = cache[it.key]
+        meta = {"item": it.index, "key": it.key, "image": it.image, "image_sha256": it.image_sha256,
+                "width": it.width, "height": it.height, "source": it.source, "prompt": it.prompt,
+                "points": it.points_text, "box": it.box_text, "mask": it.mask}
+        if part is None:
+            rows.append({**meta, "status": "failed", "error": it.error or "not run (the sweep was interrupted)"})
+            continue
+        got = {k: (None if _missing(v) else v) for k, v in part["item"].items()}
+        rows.append({**meta, **{k: v for k, v in got.items() if k not in ("width", "height") or v is not None}})
+        for name, out in (("heads", heads), ("attribution", attribution)):
+            df = part[name]
+            if len(df):
+                df = df.copy()
+                df["item"] = it.index
+                out.append(df)
+    return {"items": frame(rows, schema["items"]),
+            "heads": frame(pd.concat(heads, ignore_index=True) if heads else [], schema["heads"]),
+            "attribution": frame(pd.concat(attribution, ignore_index=True) if attribution else [],
+                                 schema["attribution"])}
+
+
+def _missing(v) -> bool:
+    try:
+        return v is None or bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,79 @@
+"""The Ray engine on a real local Ray instance (two workers): the same tables as the local engine, a worker
+killed mid-sweep loses and duplicates nothing, an unreachable --ray-address fails fast. Marked `ray`; skipped
+where Ray is not installed (CI installs the extra: scripts/bootstrap.sh)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pandas as pd
+import pytest
+
+from sam2_layerwise.cli.main import main
+from tests.sweep.conftest import run_api, sweep_cmd
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance for the module (starting Ray takes seconds); sweeps join it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def kill_once(marker: str, at: int):
+    """A before_item hook for the Ray workers: the worker about to run item `at` kills itself with SIGKILL,
+    once (the marker file says it happened)."""
+    def hook(item):
+        if item.index == at:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def comparable(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in df.columns if c.startswith("seconds")])
+
+
+def test_ray_engine_gives_the_local_tables_even_when_a_worker_dies(ray_instance, tmp_path, photos, tiny_checkpoint,
+                                                                   quant_checkpoints):
+    local = tmp_path / "local"
+    argv = sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", photos, local, "--attribute",
+                     "--attribute-layers", "image_encoder_trunk_blocks_*", "--num-cpus-per-worker", "1")
+    argv_local = [a for a in argv if a not in ("--num-cpus-per-worker", "1")]
+    assert run_api(argv_local)["ok"] == 6
+    for name, hook in (("ray", None), ("ray_killed", kill_once(str(tmp_path / "killed"), at=2))):
+        out = tmp_path / name
+        report = run_api([*[str(out) if a == str(local) else a for a in argv], "--engine", "ray",
+                          "--num-workers", "2"], before_item=hook)
+        assert report == {**report, "total": 6, "ok": 6, "failed": 0, "ran": 6}
+        for table in ("items.parquet", "heads.parquet", "attribution.parquet"):
+            a, b = pd.read_parquet(local / table), pd.read_parquet(out / table)
+            pd.testing.assert_frame_equal(comparable(a), comparable(b))
+        assert sorted(p.name for p in (out / "parts").iterdir()) == sorted(pd.read_parquet(local / "items.parquet")
+                                                                           ["key"])
+    assert (tmp_path / "killed").exists()  # the worker really died mid-sweep (and Ray restarted it)
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, photos, tiny_checkpoint, quant_checkpoints, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", photos, out, "--engine", "ray",
+                          "--ray-address", f"127.0.0.1:{port}")) == 2
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err.strip()
+    assert f"--ray-address 127.0.0.1:{port}: cannot reach a Ray cluster there" in err and err.count("\n") == 0
+    assert not out.exists()
