@@ -693,7 +693,8 @@
     const names = { fp: isCompare() ? "FP (float)" : "model", q: "Q (quantized)" };
     for (const s of sides()) {
       const fig = $("fig-" + s);
-      fig.querySelector("figcaption").textContent = names[s] + " · " + (layer ? layer.label : "") + " · " + queryWords(entry) + " · " + headWords;
+      fig.querySelector("figcaption").textContent = names[s] + " · " + headWords;
+      fig.querySelector("figcaption").title = (layer ? layer.label : "") + " · " + queryWords(entry);
       const colourOf = (v) => colour(S.cm.attn, v / vmax);
       draw($("map-" + s), entry, values[s], colourOf, grid);
       scaleBar(fig.querySelector(".scale"), S.cm.attn, 0, vmax, what, isCompare() ? "FP and Q share this scale" : null);
@@ -709,7 +710,8 @@
       }
       const bound = d > 0 ? d : 1e-12;
       const fig = $("fig-diff");
-      fig.querySelector("figcaption").textContent = "Q − FP · " + (layer ? layer.label : "") + " · " + queryWords(entry) + " · " + headWords;
+      fig.querySelector("figcaption").textContent = "Q − FP · " + headWords;
+      fig.querySelector("figcaption").title = (layer ? layer.label : "") + " · " + queryWords(entry);
       draw($("map-diff"), entry, diff, (v) => colour(S.cm.div, (v + bound) / (2 * bound)), grid);
       scaleBar(fig.querySelector(".scale"), S.cm.div, -bound, bound, "difference of probabilities, Q − FP (" + headWords + ")");
       S.diff = diff;
