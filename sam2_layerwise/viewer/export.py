@@ -395,8 +395,9 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
     """The viewer of a compare run, next to `generate`'s tables in `out/`: `run` is the CompareRun, `result`
     what `analysis.generate.analyse` returned. Returns the files written (run-relative)."""
     from sam2_layerwise.render.saved import saved_views
+    from sam2_layerwise.viewer.source import open_viewer_run
 
-    vrun = _open_halves(run)
+    vrun = open_viewer_run(run.run_dir, flag="--run_dir")  # both halves read by render.saved.open_run (checked)
     vw = ViewerWriter(writer, out)
     views = {h.side: {(v.layer_key, v.call_index): v for v in saved_views(h.saved)} for h in vrun.halves}
     calls = []
@@ -460,13 +461,6 @@ def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
                 view.qkv = {"groups": [0], "q": q.float(), "k": k.float(), "v": v.float(), "scale": float(full["scale"])}
             except Exception as exc:  # noqa: BLE001 - the maps of the selected queries are still shown
                 log.warning("viewer: %s %s: no image->token maps (%s)", h.side, rel, exc)
-
-
-def _open_halves(run):
-    """The ViewerRun of an already opened CompareRun (its halves read by `render.saved.open_run`)."""
-    from sam2_layerwise.viewer.source import open_viewer_run
-
-    return open_viewer_run(run.run_dir, flag="--run_dir")
 
 
 # -- a single visualize run -----------------------------------------------------------------------------------

@@ -35,14 +35,16 @@ from sam2_layerwise.viewer.source import ViewerRun
 
 log = logging.getLogger("sam2_layerwise")
 
+# Scripts only from the run's own files: no inline script, no other origin. The page never evaluates strings;
+# 'unsafe-eval' is there for browser automation (Playwright's wait_for_function evaluates its predicate in the page).
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-                               "form-action 'none'",
+                               "script-src 'self' 'unsafe-eval'; connect-src 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'; object-src 'none'",
 }
 mimetypes.add_type("text/javascript", ".js")
 

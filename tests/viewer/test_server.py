@@ -257,3 +257,32 @@ def test_damaged_tensors_are_a_message_not_a_500(viewer_runs, tmp_path):
                 "do not fit" in body["message"], body
     finally:
         s.close()
+
+
+def test_single_run_clicks_use_its_saved_qkv(viewer_runs, served):
+    """A visualize run with --save-qkv: global blocks and the decoder keep the whole grid (any place), windowed
+    blocks the windows of the captured queries; the rows are the capture's attention_probs over them."""
+    from sam2_layerwise.capture.attention import attention_probs
+
+    run = viewer_runs["single"]
+    s = served("single")
+    status, info = api(s, "/api/info")
+    assert info["kind"] == "single" and info["page"] == "/viewer/index.html"
+    frame = ImageFrame(600, 400, 128)
+    s_json = json.loads((run / "layerwise_summary.json").read_text())
+    entries = {e["layer_key"]: e for e in s_json["attention"]}
+    for key, x, y in (("image_encoder_trunk_blocks_4", 590.0, 5.0),
+                      ("sam_mask_decoder_transformer_layers_1_cross_attn_image_to_token", 17.0, 390.0),
+                      ("image_encoder_trunk_blocks_0", 305.0, 205.0)):
+        status, body = api(s, f"/api/query?layer={key}&call=0&x={x}&y={y}")
+        assert status == 200 and body["ok"], body
+        assert set(body["map"]["heads"][0]) == {"head", "fp"}  # one model
+        qkv = safe_load(run / entries[key]["files"]["qkv"])
+        g, i = body["token"]["group"], body["token"]["index"]
+        gi = qkv["groups"].index(g)
+        want = attention_probs(qkv["q"][gi][:, i:i + 1], qkv["k"][gi], qkv["scale"])[:, 0]  # [heads, K]
+        assert np.array_equal(decode(body["map"]["heads"][0]["fp"]), want.mean(0).numpy())
+        if key.endswith("blocks_4"):
+            assert body["token"]["cell"] == list(frame.token_at(x, y, 8, 8))
+    status, body = api(s, "/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=590&y=5")
+    assert body["ok"] is False and "not saved for this place" in body["message"]
