@@ -5,7 +5,8 @@
 - through `view`: a click on the photograph at a global block until both recomputed maps and their difference are
   drawn (fetch, recomputation from the saved q/k, decoding, drawing; target <= 300 ms), the first click of a
   layer (its q/k/v still loading) reported apart;
-- generate's viewer export alone (seconds) and the page's data on disk.
+- generate's viewer export alone (seconds, written afresh by this code into RUN/bench_viewer/, measured, removed)
+  and the page's data on disk.
 
     .venv/bin/python benchmarks/bench_viewer.py [--config configs/sam2.1/sam2.1_hiera_b+.yaml] [--keep DIR]
     .venv/bin/python benchmarks/bench_viewer.py --run-dir DIR   # an existing full-mode compare run (after generate)
@@ -54,24 +55,24 @@ def make_run(config: str, d: Path) -> Path:
     return run
 
 
-def export_seconds(run: Path, repeats: int = 1) -> float:
-    """generate's viewer export alone (the analysis itself not counted), into a scratch writer."""
-    from sam2_layerwise.analysis.generate import GenerateOptions, analyse
+PAGE = "bench_viewer"  # the page this benchmark writes (with the current code) and measures, removed after
+
+
+def export_page(run: Path) -> float:
+    """generate's viewer export alone, from the analysis generate wrote (metrics.json), into RUN/bench_viewer/."""
+    import json
+
     from sam2_layerwise.store.compare_run import COMPARE_RUN, open_compare_run
     from sam2_layerwise.store.layout import RunWriter
     from sam2_layerwise.viewer.export import write_compare_viewer
 
     cr = open_compare_run(run)
-    result = analyse(cr, GenerateOptions())
-    times = []
-    for _ in range(repeats):
-        writer = RunWriter(cr.run_dir, owned=("bench_viewer",), kind=COMPARE_RUN, flag="--run_dir")
-        with writer:
-            t = time.perf_counter()
-            write_compare_viewer(cr, result, writer, "bench_viewer")
-            times.append(time.perf_counter() - t)
-    shutil.rmtree(cr.run_dir / "bench_viewer", ignore_errors=True)
-    return statistics.median(times)
+    m = json.loads((run / "analysis" / "metrics.json").read_text())
+    result = {"heads": m["heads"], "ranking": m["ranking"], "impact": m["output_impact"], "k": m["selection"]["topk"]}
+    with RunWriter(cr.run_dir, owned=(PAGE,), kind=COMPARE_RUN, flag="--run_dir") as writer:
+        t = time.perf_counter()
+        write_compare_viewer(cr, result, writer, PAGE)
+        return time.perf_counter() - t
 
 
 def du(path: Path) -> int:
@@ -93,7 +94,7 @@ def browse(run: Path, clicks: int) -> dict:
     from tests.viewer.conftest import Served, chromium_path, read_data
 
     out = {}
-    index = read_data(run / "analysis" / "viewer_data" / "index.js")
+    index = read_data(run / PAGE / "viewer_data" / "index.js")
     glob = next(l for l in index["layers"] if l["kind"] == "hiera_global")
     frame = ImageFrame(**index["frame"])
     with sync_playwright() as p:
@@ -102,12 +103,12 @@ def browse(run: Path, clicks: int) -> dict:
         for _ in range(3):  # a fresh context each time: nothing cached
             ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
             page = ctx.new_page()
-            page.goto((run / "analysis" / "index.html").as_uri())
+            page.goto((run / PAGE / "index.html").as_uri())
             wait(page, "document.body.dataset.heatmapMs")
             first.append(float(page.evaluate("document.body.dataset.heatmapMs")))
             ctx.close()
         out["first_heatmap_ms"] = first
-        s = Served(run)
+        s = Served(run, page=PAGE)
         try:
             ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
             page = ctx.new_page()
@@ -150,9 +151,9 @@ def main():
         d.mkdir(parents=True, exist_ok=True)
         run = make_run(args.config, d)
     try:
+        export = export_page(run)
         res = browse(run, args.clicks)
-        export = export_seconds(run)
-        data = run / "analysis" / "viewer_data"
+        data = run / PAGE / "viewer_data"
         n_layers = len(list((data / "layers").glob("*.js")))
         print(f"run: {run} ({n_layers} attention calls), viewer data {du(data) / 2**20:.1f} MiB, largest layer file "
               f"{max(p.stat().st_size for p in (data / 'layers').glob('*.js')) / 2**20:.2f} MiB")
@@ -163,6 +164,7 @@ def main():
               f"{statistics.median(res['click_ms']):.0f} ms, max {max(res['click_ms']):.0f} ms over "
               f"{len(res['click_ms'])} clicks (target <= 300); first click of the layer {res['click_first_ms']:.0f} ms")
     finally:
+        shutil.rmtree(run / PAGE, ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
