@@ -1,11 +1,13 @@
 """`sam2-layerwise view`: the viewer page of one run, served by Starlette on uvicorn, plus what needs computing.
 
-Routes (GET and HEAD only):
+Routes (GET and HEAD; the two computing endpoints also take POST with a JSON object of the same parameters):
     /                 -> redirect to the page (`<page>/index.html`)
     /api/info         the run: kind, mode, page, layers that answer clicks
     /api/prepare      ?layer=KEY&call=N: load a call's q/k/v ahead of the first click
     /api/query        ?layer=KEY&call=N&x=X&y=Y (original pixels): the token under (x, y) and both models'
-                      attention at that call, recomputed from the saved q/k (`viewer.recompute`)
+                      attention at that call, recomputed from the saved q/k (`viewer.recompute`); answers
+                      {ok: true, token, map} or {ok: false, message, token} (not saved there), 400 {error} for
+                      a parameter that is wrong (unknown layer, call index out of range, x/y outside)
     /<path>           a file of the run directory, nothing else
 
 Files: the path must name a regular file inside the run directory after resolving symbolic links; `..`
@@ -17,12 +19,14 @@ are refused (DNS rebinding), and responses forbid framing and content sniffing.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import mimetypes
 from pathlib import Path
 from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -47,6 +51,8 @@ SECURITY_HEADERS = {
                                "base-uri 'none'; form-action 'none'; object-src 'none'",
 }
 mimetypes.add_type("text/javascript", ".js")
+MAX_BODY = 4096  # a POSTed query is a few numbers
+ALIASES = {"layer_key": "layer", "call_index": "call"}  # the summary's own names work too
 
 
 def is_loopback(host: str) -> bool:
@@ -101,26 +107,46 @@ def build_app(vrun: ViewerRun, page: str, *, allowed_hosts: list[str] | None = N
         return _json({"server": True, "kind": vrun.kind, "mode": vrun.mode, "page": page_url,
                       "run": vrun.run_dir.name, "calls": click_modes()})
 
-    def _params(request: Request, names: tuple[str, ...]) -> dict:
-        extra = set(request.query_params) - set(names)
-        if extra:
-            raise BadRequest(f"unknown parameter(s) {', '.join(sorted(extra))[:120]}; expected {', '.join(names)}")
-        for n in names:
-            if len(request.query_params.getlist(n)) > 1:
-                raise BadRequest(f"{n} given more than once")
-        return {n: request.query_params.get(n) for n in names}
+    async def _params(request: Request, names: tuple[str, ...]) -> dict:
+        """The endpoint's parameters: from the URL (GET) or a small JSON object (POST); each at most once."""
+        if request.method == "POST":
+            if request.query_params:
+                raise BadRequest("give the parameters in the JSON body or in the URL, not both")
+            body = await request.body()
+            if len(body) > MAX_BODY:
+                raise BadRequest(f"the request body is larger than {MAX_BODY} bytes")
+            try:
+                data = json.loads(body or b"{}")
+            except (ValueError, RecursionError):
+                raise BadRequest("the request body is not JSON") from None
+            if not isinstance(data, dict):
+                raise BadRequest("the request body must be a JSON object {layer, call, x, y}")
+            items = list(data.items())
+        else:
+            items = list(request.query_params.multi_items())
+        params: dict = {}
+        for key, value in items:
+            key = ALIASES.get(key, key)
+            if key not in names:
+                raise BadRequest(f"unknown parameter {str(key)[:60]!r}; expected {', '.join(names)}")
+            if key in params:
+                raise BadRequest(f"{key} given more than once")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise BadRequest(f"{key} must be a string or a number")
+            params[key] = value if isinstance(value, str) else repr(value)
+        return {n: params.get(n) for n in names}
 
-    def prepare(request: Request) -> Response:
+    async def prepare(request: Request) -> Response:
         try:
-            p = _params(request, ("layer", "call"))
-            return _json(recompute.prepare(p["layer"], p["call"]))
+            p = await _params(request, ("layer", "call"))
+            return _json(await run_in_threadpool(recompute.prepare, p["layer"], p["call"]))
         except BadRequest as exc:
             return _json({"ok": False, "error": str(exc)}, 400)
 
-    def query(request: Request) -> Response:
+    async def query(request: Request) -> Response:
         try:
-            p = _params(request, ("layer", "call", "x", "y"))
-            return _json(recompute.query(p["layer"], p["call"], p["x"], p["y"]))
+            p = await _params(request, ("layer", "call", "x", "y"))
+            return _json(await run_in_threadpool(recompute.query, p["layer"], p["call"], p["x"], p["y"]))
         except BadRequest as exc:
             return _json({"ok": False, "error": str(exc)}, 400)
 
@@ -140,8 +166,8 @@ def build_app(vrun: ViewerRun, page: str, *, allowed_hosts: list[str] | None = N
     routes = [
         Route("/", index, methods=["GET", "HEAD"]),
         Route("/api/info", info, methods=["GET", "HEAD"]),
-        Route("/api/prepare", prepare, methods=["GET", "HEAD"]),
-        Route("/api/query", query, methods=["GET", "HEAD"]),
+        Route("/api/prepare", prepare, methods=["GET", "HEAD", "POST"]),
+        Route("/api/query", query, methods=["GET", "HEAD", "POST"]),
         Route("/api/{rest:path}", api_unknown, methods=["GET", "HEAD"]),
         Route("/{path:path}", files, methods=["GET", "HEAD"]),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -50,11 +51,16 @@ def click_photo(p, x: float, y: float, frame: ImageFrame, selector: str = "#phot
 
 
 def screenshot(p, tmp_path_factory, name: str) -> Path:
+    """A test artifact: under pytest's temporary folder, and in $SAM2LW_TEST_ARTIFACTS when set (CI uploads)."""
     d = tmp_path_factory.getbasetemp() / ARTIFACTS
     d.mkdir(exist_ok=True)
     path = d / f"{name}.png"
     p.page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
+    if os.environ.get("SAM2LW_TEST_ARTIFACTS"):
+        keep = Path(os.environ["SAM2LW_TEST_ARTIFACTS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, keep / path.name)
     print(f"screenshot: {path}")
     return path
 

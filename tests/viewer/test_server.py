@@ -20,20 +20,23 @@ from tests.viewer.conftest import Served, summary_entry
 SECRET = "top secret, outside the run"
 
 
-def get(s: Served, path: str, method: str = "GET", host: str | None = None):
+def get(s: Served, path: str, method: str = "GET", host: str | None = None, body: bytes | None = None):
     """One raw request: the path goes on the wire exactly as given."""
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
     conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     conn.putheader("Host", host or f"127.0.0.1:{s.port}")
-    conn.endheaders()
+    if body is not None:
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
     r = conn.getresponse()
     body = r.read()
     conn.close()
     return r.status, r.headers, body
 
 
-def api(s: Served, path: str):
-    status, headers, body = get(s, path)
+def api(s: Served, path: str, post: bytes | None = None):
+    status, headers, body = get(s, path, "POST" if post is not None else "GET", body=post)
     assert headers["content-type"].startswith("application/json"), (path, status, body[:200])
     return status, json.loads(body)
 
@@ -286,3 +289,32 @@ def test_single_run_clicks_use_its_saved_qkv(viewer_runs, served):
             assert body["token"]["cell"] == list(frame.token_at(x, y, 8, 8))
     status, body = api(s, "/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=590&y=5")
     assert body["ok"] is False and "not saved for this place" in body["message"]
+
+
+POSTS = [
+    (b'{"layer": "nope", "call": 0, "x": 1, "y": 1}', "unknown layer"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": 9, "x": 1, "y": 1}', "call indices"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": 0.5, "x": 1, "y": 1}', "whole number"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": true, "x": 1, "y": 1}', "string or a number"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": 0, "x": NaN, "y": 1}', "finite"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": 0, "x": [1], "y": 1}', "string or a number"),
+    (b'{"layer": "image_encoder_trunk_blocks_0", "call": 0, "x": 1, "y": 1, "head": 3}', "unknown parameter"),
+    (b'[1, 2]', "JSON object"),
+    (b'not json', "not JSON"),
+    (b'[' * 5000, "larger than"),
+]
+
+
+@pytest.mark.parametrize("body,words", POSTS)
+def test_posted_queries_are_checked_too(trap, body, words):
+    s, _ = trap
+    status, answer = api(s, "/api/query", post=body)
+    assert status == 400 and words in answer["error"], answer
+
+
+def test_posted_query_answers_like_get(trap):
+    s, _ = trap
+    status, a = api(s, "/api/query", post=b'{"layer_key": "image_encoder_trunk_blocks_0", "call_index": 0, '
+                                          b'"x": 305, "y": 205.5}')
+    status2, b = api(s, "/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=305&y=205.5")
+    assert status == status2 == 200 and a["ok"] and a == b
