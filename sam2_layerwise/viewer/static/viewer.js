@@ -800,17 +800,18 @@
     cctx.putImageData(img, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(cells, 0, 0, gw * s, gh * s);
-    ctx.lineWidth = 1; ctx.strokeStyle = "#fff";
+    const lw = Math.max(1, Math.round(Math.max(gh, gw) * s / 256));  // ~2 px once the canvas is shown smaller
+    ctx.lineWidth = lw; ctx.strokeStyle = "#fff";
     if (rh !== gh || rw !== gw) {  // window padding: keys without pixels, beyond this line
-      ctx.beginPath(); ctx.moveTo(0, rh * s + 0.5); ctx.lineTo(rw * s + 0.5, rh * s + 0.5); ctx.lineTo(rw * s + 0.5, 0); ctx.stroke();
+      ctx.beginPath(); ctx.moveTo(0, rh * s); ctx.lineTo(rw * s, rh * s); ctx.lineTo(rw * s, 0); ctx.stroke();
     }
     if (entry.window) {
       const [w0, w1, v0, v1] = entry.window;
-      ctx.strokeRect(v0 * s + 0.5, w0 * s + 0.5, (v1 - v0) * s - 1, (w1 - w0) * s - 1);
+      ctx.strokeRect(v0 * s + lw / 2, w0 * s + lw / 2, (v1 - v0) * s - lw, (w1 - w0) * s - lw);
     }
     if (entry.query_cells) {
       const [q0, q1, p0, p1] = entry.query_cells;
-      ctx.lineWidth = Math.max(1, Math.min(2, Math.floor(s / 2)));
+      ctx.lineWidth = Math.max(lw, Math.min(2 * lw, Math.floor(s / 2)));
       ctx.strokeStyle = "#00ffff";
       ctx.strokeRect(p0 * s - 1, q0 * s - 1, (p1 - p0) * s + 2, (q1 - q0) * s + 2);
     }
