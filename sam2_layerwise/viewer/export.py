@@ -439,6 +439,9 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
     return vw.files
 
 
+write_viewer = write_compare_viewer  # generate's entry point, by its general name
+
+
 def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
     """Full mode saves q/k/v once, in `__full.pt`: hand a decoder image->token call's q/k to its views, so the
     renderer can draw which image tokens attend to each decoder token (`to_<role>` maps)."""
