@@ -123,14 +123,15 @@ def segment_sums(probs: torch.Tensor, segments: list[tuple[int, int]]) -> torch.
 
 
 def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20,
-                     segments: list[tuple[int, int]] | None = None):
+                     segments: list[tuple[int, int]] | None = None, stats: bool = True):
     """Per-query statistics over the keys, for every query, computed tile by tile.
 
     q: [G, h, Nq, d], k: [G, h, Nk, d]. Returns a dict of [G, h, Nq] fp32 tensors:
     entropy (nats), entropy_norm (entropy / log Nk, in [0, 1]), max_prob, topk_mass (mass on the k largest keys).
     With `segments` (key ranges [start, stop), e.g. the memory frames and object pointers of a memory
     cross-attention) also `segment_mass` [G, h, Nq, S]: each query's attention mass per segment, from the same
-    tiles (no second pass over the scores).
+    tiles (no second pass over the scores). With `stats=False` only `segment_mass` is computed (video mode's
+    default: one q·kᵀ, one exp and a [rows, Nk] x [Nk, S] product per tile).
     A tile holds at most `chunk_elements` scores; two tile buffers are the extra memory (8 MiB by default).
     """
     G, h, nq, d = q.shape
@@ -139,8 +140,15 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     B = G * h
     tiles = _stat_tiles(B, nq, nk, chunk_elements)
     log_nk = math.log(nk) if nk > 1 else 1.0
-    stats = {name: torch.empty((B, nq), dtype=torch.float32, device=q.device) for name in STAT_NAMES}
+    want = stats
+    stats = {name: torch.empty((B, nq), dtype=torch.float32, device=q.device) for name in (STAT_NAMES if want else ())}
     seg = torch.empty((B, nq, len(segments)), dtype=torch.float32, device=q.device) if segments else None
+    onehot, covers = None, False
+    if seg is not None:  # key -> segment indicator [Nk, S]: segment sums as one small matrix product
+        onehot = torch.zeros((nk, len(segments)), dtype=torch.float32, device=q.device)
+        for n, (a, b) in enumerate(segments):
+            onehot[a:b, n] = 1.0
+        covers = bool((onehot.sum(-1) == 1).all())
     biggest = max((b1 - b0) * (r1 - r0) * nk for b0, b1, r0, r1 in tiles)
     # Tile buffers reused for every tile: a fresh multi-MiB tensor per tile costs page faults that take
     # about as long as the arithmetic.
@@ -158,19 +166,24 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
                 # H = -sum p log p = log z - sum(e * t) / z, max p = 1 / z, top-k mass = sum topk(e) / z.
                 t = scores.sub_(scores.amax(-1, keepdim=True))
                 e = torch.exp(t, out=e_buf[:n].view(shape))
-                z = e.sum(-1)
+                parts = torch.matmul(e, onehot) if seg is not None else None  # [b, r, S]
+                z = parts.sum(-1) if covers else e.sum(-1)
+                if seg is not None:
+                    seg[b0:b1, r0:r1] = parts / z.unsqueeze(-1)
+                if not want:
+                    continue
                 ent = torch.log(z) - torch.einsum("...j,...j->...", e, t) / z
                 mx = 1.0 / z
                 top = topk_sum(e, kk) / z if kk else torch.zeros_like(z)
-                if seg is not None:
-                    seg[b0:b1, r0:r1] = segment_sums(e, segments) / z.unsqueeze(-1)
             else:
                 p = transform(torch.softmax(scores, -1))
+                if seg is not None:
+                    seg[b0:b1, r0:r1] = torch.matmul(p, onehot)
+                if not want:
+                    continue
                 ent = -torch.special.xlogy(p, p).sum(-1)
                 mx = p.amax(-1)
                 top = topk_sum(p, kk) if kk else torch.zeros_like(mx)
-                if seg is not None:
-                    seg[b0:b1, r0:r1] = segment_sums(p, segments)
             stats["entropy"][b0:b1, r0:r1] = ent
             stats["entropy_norm"][b0:b1, r0:r1] = ent / log_nk
             stats["max_prob"][b0:b1, r0:r1] = mx

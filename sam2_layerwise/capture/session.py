@@ -34,6 +34,10 @@ class CaptureOptions:
     keep_all_qkv: keep q/k/v of every group (compare's full mode: any row can be recomputed later).
     layers: fnmatch patterns over layer keys; only matching modules are captured (None = all).
     chunk_elements: scores per tile of the chunked statistics.
+    all_query_kinds: with all_query_stats, only attention kinds starting with one of these run the all-query
+    statistics; None = every kind.
+    memory_mass_all_queries: memory cross-attention's mass per memory frame / object pointer over every query,
+    even where the other all-query statistics are off (video mode's default: the one all-query pass it makes).
     """
 
     max_attn_queries: int = 4
@@ -43,11 +47,20 @@ class CaptureOptions:
     layers: tuple[str, ...] | None = None
     chunk_elements: int = 1 << 20
     keep_all_qkv: bool = False
+    all_query_kinds: tuple[str, ...] | None = None
+    memory_mass_all_queries: bool = True
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["layers"] = list(self.layers) if self.layers else None
+        if self.all_query_kinds is None:
+            d.pop("all_query_kinds")
+        else:
+            d["all_query_kinds"] = list(self.all_query_kinds)
         return d
+
+    def all_queries_for(self, kind: str) -> bool:
+        return self.all_query_stats and (self.all_query_kinds is None or kind.startswith(self.all_query_kinds))
 
 
 @dataclass
@@ -235,10 +248,15 @@ class CaptureSession:
         self.nonfinite.append({"module": name, "call_index": call_index, "tensor": tensor})
 
     def _check_finite(self, name: str, call_index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Record which of `tensors` hold NaN/inf (one sync when all are finite, the common case)."""
-        flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-        if bool(flags.all()):
+        """Record which of `tensors` hold NaN/inf (one sync when all are finite, the common case).
+
+        A sum is finite exactly when no element is NaN/inf, unless finite values overflow it (|sum| > 3e38):
+        one read and no boolean copy per tensor; only a non-finite sum is looked at element by element."""
+        with torch.autocast(next(iter(tensors.values())).device.type, enabled=False):
+            sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
+        if bool(torch.isfinite(sums).all()):
             return
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
         for (what, _), ok in zip(tensors.items(), flags.tolist()):
             if not ok:
                 self._note_nonfinite(name, call_index, what)
@@ -261,11 +279,13 @@ class CaptureSession:
             kernel_err = (out[g, :, i].float() - rows_out).abs().max().item()
 
         query_stats, head_stats, segment_mass = None, {}, None
-        if self.options.all_query_stats:
+        every = self.options.all_queries_for(kind)
+        if every or (segments and self.options.memory_mass_all_queries):
             query_stats = query_statistics(q, k, view.scale, view.probs_transform, self.options.stats_topk,
-                                           self.options.chunk_elements, segments=segments)
+                                           self.options.chunk_elements, segments=segments, stats=every)
             segment_mass = query_stats.pop("segment_mass", None)  # [G, h, Nq, S]
-            for stat, values in query_stats.items():
+            query_stats = query_stats or None
+            for stat, values in (query_stats or {}).items():
                 per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
                 if valid is not None:
                     per_head = per_head[:, valid.reshape(-1)]

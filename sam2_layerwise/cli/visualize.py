@@ -53,8 +53,9 @@ def add_arguments(p) -> None:
                         "blocks so they stay distributions (default %(default)s)")
     p.add_argument("--layers", default=None, help="only these layers: names, globs, comma lists, ranges "
                                                   "(image_encoder_trunk_blocks_0:11)")
-    p.add_argument("--query-stats", choices=["all", "selected"], default="all",
-                   help="per-head statistics over every query (default) or only the selected ones (faster)")
+    p.add_argument("--query-stats", choices=["all", "selected"], default=None,
+                   help="per-head statistics over every query (image default) or only the selected ones (faster; "
+                        "video default, where memory attention's mass per memory frame still covers every query)")
     p.add_argument("--stats-topk", type=nonnegative_int, default=5, help="k of the top-k mass statistic (default 5)")
     p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
     p.add_argument("--image-size", type=image_size, default=None,
@@ -112,6 +113,7 @@ def run(args) -> int:
     if video.video_mode(args):
         return video.run(args)
     setup_logging(args.quiet)
+    args.query_stats = args.query_stats or "all"
     image, prompts, out_dir = prepare(args)
     t0 = time.perf_counter()
     overrides = {"model.image_size": args.image_size} if args.image_size else None
