@@ -64,6 +64,11 @@ def prepare(args):
     from sam2_layerwise.inputs import parse_prompts
     from sam2_layerwise.store.layout import check_output_dir
 
+    for flag, given, why in (("--viewer", getattr(args, "viewer", False), "the viewer shows single-image runs"),
+                             ("--single-mask", getattr(args, "single_mask", False),
+                              "in video mode SAM 2 chooses between one and three masks itself")):
+        if given:
+            raise InputError(f"is not available with --video ({why})", flag=flag)
     check_render_args(args)
     args.qat_config = load_qat_flag(args)
     sel = selection(args)

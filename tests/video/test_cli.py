@@ -142,6 +142,7 @@ def test_bad_video_inputs(run_cli, tmp_path, frames_dir, video_mp4):
         (dict(video=frames_dir), ["--frame-stride", "0"], ["--frame-stride 0"]),
         (dict(video=frames_dir), ["--image", str(COFFEE)], ["--video", str(frames_dir), "--image"]),
         (dict(video=frames_dir), ["--points", "500", "10", "1"], ["--points", "outside the 448x288"]),
+        (dict(video=frames_dir), ["--single-mask"], ["--single-mask", "not available with --video"]),
         (dict(), ["--prompt-frame", "1", "--image", str(COFFEE)], ["--prompt-frame 1", "only applies with --video"]),
         (dict(), [], ["--image", "--video"]),
     ]
