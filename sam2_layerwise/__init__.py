@@ -8,8 +8,10 @@
 """
 
 from sam2_layerwise.api import ImageCapture, capture_image, query_locations
+from sam2_layerwise.api_video import VideoCapture, capture_video
 from sam2_layerwise.capture import AttentionRecord, BlockRecord, CaptureOptions, QuerySpec, layer_key
 from sam2_layerwise.errors import LayerwiseError
+from sam2_layerwise.frames import FrameSelection, open_video
 from sam2_layerwise.inputs import Point, Prompts, load_image, parse_prompts
 from sam2_layerwise.model import LoadedModel, build_model
 from sam2_layerwise.model.predict import Prediction, run_plain
@@ -19,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionRecord", "BlockRecord", "CaptureOptions", "ImageCapture", "LayerwiseError", "LoadedModel", "Point",
     "Prediction", "Prompts", "QuerySpec", "build_model", "capture_image", "layer_key", "load_image",
-    "parse_prompts", "query_locations", "run_plain",
+    "parse_prompts", "query_locations", "run_plain", "VideoCapture", "capture_video", "FrameSelection", "open_video",
 ]

@@ -58,16 +58,26 @@ def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple
     return probs, out
 
 
-def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False):
+def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False,
+                   by_row: bool = False):
     """Probabilities and outputs for selected queries.
 
     q, k, v: [G, h, N, d]; picks: (group, query index) pairs. With `tiled` the rows are computed in the
-    tiles of `row_tiles`, as an explicitly tiled kernel computed them; otherwise row by row (cheaper).
+    tiles of `row_tiles`, as an explicitly tiled kernel computed them; otherwise row by row (cheaper): all picks
+    in one batched product over their gathered groups, or with `by_row` one pick at a time on views of k and v
+    (no copy of a group's keys per pick: memory attention's 28,736 keys).
     Returns probs [n, h, Nk] fp32 and out = probs @ v [n, h, d_v] fp32.
     """
     nk = k.shape[-2]
     if not picks:
         return q.new_zeros((0, q.shape[1], nk), dtype=torch.float32), q.new_zeros((0, q.shape[1], v.shape[-1]), dtype=torch.float32)
+    if by_row and not tiled:
+        rows = []
+        for g, i in picks:
+            p = attention_probs(q[g:g + 1, :, i:i + 1], k[g:g + 1], scale, transform)  # [1, h, 1, Nk]
+            with torch.autocast(q.device.type, enabled=False):
+                rows.append((p[0, :, 0], torch.matmul(p, _fp32(v[g:g + 1]))[0, :, 0]))
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
     if not tiled:
         g = torch.tensor([p[0] for p in picks], device=q.device)
         i = torch.tensor([p[1] for p in picks], device=q.device)

