@@ -132,6 +132,26 @@ def segment_sums(probs: torch.Tensor, segments: list[tuple[int, int]]) -> torch.
     return torch.stack([probs[..., a:b].sum(-1) for a, b in segments], dim=-1)
 
 
+def _covering(segments: list[tuple[int, int]], nk: int) -> bool:
+    return segments[0][0] == 0 and segments[-1][1] == nk and all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
+
+
+def _segment_mass_fused(q, k, scale, segments) -> torch.Tensor:
+    """softmax(q kᵀ·scale) summed per key segment for every query, by torch's own fused attention kernel with an
+    indicator matrix as the values (padded to the head dim, so the fused CPU/GPU kernels take it: no score
+    matrix is ever materialised). [G, h, Nq, S] fp32. Float probabilities only (no transform)."""
+    from sam2_layerwise.capture.dispatch import ORIGINAL_SDPA
+
+    G, h, nq, d = q.shape
+    nk = k.shape[-2]
+    ind = torch.zeros((nk, d), dtype=torch.float32, device=q.device)  # [Nk, d]: column s marks segment s
+    for n, (a, b) in enumerate(segments):
+        ind[a:b, n] = 1.0
+    with torch.autocast(q.device.type, enabled=False):
+        out = ORIGINAL_SDPA(_fp32(q), _fp32(k), ind.expand(G, h, nk, d), scale=scale)  # [G, h, Nq, d]
+    return out[..., :len(segments)].contiguous()
+
+
 def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 5, chunk_elements: int = 1 << 20,
                      segments: list[tuple[int, int]] | None = None, stats: bool = True):
     """Per-query statistics over the keys, for every query, computed tile by tile.
@@ -140,12 +160,14 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     entropy (nats), entropy_norm (entropy / log Nk, in [0, 1]), max_prob, topk_mass (mass on the k largest keys).
     With `segments` (key ranges [start, stop), e.g. the memory frames and object pointers of a memory
     cross-attention) also `segment_mass` [G, h, Nq, S]: each query's attention mass per segment, from the same
-    tiles (no second pass over the scores). With `stats=False` only `segment_mass` is computed (video mode's
-    default: one q·kᵀ, one exp and a [rows, Nk] x [Nk, S] product per tile).
+    tiles (no second pass over the scores). With `stats=False` only `segment_mass` is computed: float attention
+    over covering segments goes through torch's fused kernel (`_segment_mass_fused`), otherwise tile by tile.
     A tile holds at most `chunk_elements` scores; two tile buffers are the extra memory (8 MiB by default).
     """
     G, h, nq, d = q.shape
     nk = k.shape[-2]
+    if segments and not stats and transform is None and len(segments) <= d and _covering(segments, nk):
+        return {"segment_mass": _segment_mass_fused(q, k, scale, segments)}
     kk = min(topk, nk)
     B = G * h
     tiles = _stat_tiles(B, nq, nk, chunk_elements)

@@ -36,8 +36,10 @@ class CaptureOptions:
     chunk_elements: scores per tile of the chunked statistics.
     all_query_kinds: with all_query_stats, only attention kinds starting with one of these run the all-query
     statistics; None = every kind.
-    memory_mass_all_queries: memory cross-attention's mass per memory frame / object pointer over every query,
-    even where the other all-query statistics are off (video mode's default: the one all-query pass it makes).
+    memory_mass: memory cross-attention's mass per memory frame / object pointer beyond the selected queries:
+    "all" (every query, tile by tile; always with all-query statistics), "sampled" (the queries on a regular grid,
+    every `memory_mass_stride`-th token per row and column: the video default, 1/16 of the cost), "selected"
+    (only the selected queries).
     output_stats: shape, mean, std, min and max of every block's and attention module's output, and the check
     for non-finite q/k/v and outputs (a few passes over every activation); off = only the attention records
     (sweep's per-item capture, which reports neither).
@@ -51,7 +53,8 @@ class CaptureOptions:
     chunk_elements: int = 1 << 20
     keep_all_qkv: bool = False
     all_query_kinds: tuple[str, ...] | None = None
-    memory_mass_all_queries: bool = True
+    memory_mass: str = "sampled"
+    memory_mass_stride: int = 4
     output_stats: bool = True
 
     def to_dict(self) -> dict:
@@ -291,11 +294,21 @@ class CaptureSession:
 
         query_stats, head_stats, segment_mass = None, {}, None
         every = self.options.all_queries_for(kind)
-        if every or (segments and self.options.memory_mass_all_queries):
+        mass_rows = None  # query indices of a sampled segment mass
+        if every or (segments and self.options.memory_mass == "all"):
             query_stats = query_statistics(q, k, view.scale, view.probs_transform, self.options.stats_topk,
                                            self.options.chunk_elements, segments=segments, stats=every)
             segment_mass = query_stats.pop("segment_mass", None)  # [G, h, Nq, S]
             query_stats = query_stats or None
+        elif segments and self.options.memory_mass == "sampled":
+            gh, gw = geometry["query_grid_hw"]
+            st = self.options.memory_mass_stride
+            rows = torch.arange(st // 2, gh, st)
+            cols = torch.arange(st // 2, gw, st)
+            mass_rows = (rows[:, None] * gw + cols[None, :]).reshape(-1).tolist()  # row-major grid cells
+            part = query_statistics(q[:, :, mass_rows], k, view.scale, view.probs_transform, self.options.stats_topk,
+                                    self.options.chunk_elements, segments=segments, stats=False)
+            segment_mass = part["segment_mass"]  # [G, h, n_sampled, S]
             for stat, values in (query_stats or {}).items():
                 per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
                 if valid is not None:
@@ -325,7 +338,8 @@ class CaptureSession:
             full_qkv = {"q": q.detach().cpu().clone(), "k": k.detach().cpu().clone(), "v": v.detach().cpu().clone(),
                         "scale": view.scale, "tiled": bool(view.tiled)}
 
-        memory_mass = _memory_mass(layout, probs, queries, segment_mass) if segments else None
+        memory_mass = _memory_mass(layout, probs, queries, segment_mass, mass_rows,
+                                   self.options.memory_mass_stride) if segments else None
         idx = self._calls.get(name, 0)
         self._calls[name] = idx + 1
         frame_call = 0
@@ -432,10 +446,11 @@ class CaptureSession:
         return geometry, queries, None
 
 
-def _memory_mass(layout, probs: torch.Tensor, queries, segment_mass: torch.Tensor | None) -> dict:
+def _memory_mass(layout, probs: torch.Tensor, queries, segment_mass: torch.Tensor | None, mass_rows=None,
+                 stride: int = 4) -> dict:
     """The attention mass each memory segment (a frame's memory, an object pointer) receives: per selected query
-    and head, and over every query (mean per head) when the all-query statistics ran. The pointer share is the
-    mass of all object-pointer segments together."""
+    and head, and over every query (mean per head; over a regular grid of queries when `mass_rows` says which).
+    The pointer share is the mass of all object-pointer segments together."""
     segs = layout.segments
     ptr = [i for i, s in enumerate(segs) if s.kind == "object_pointer"]
     sel = segment_sums(probs, layout.bounds) if len(queries) else probs.new_zeros((0, probs.shape[1], len(segs)))
@@ -449,8 +464,11 @@ def _memory_mass(layout, probs: torch.Tensor, queries, segment_mass: torch.Tenso
            "all_queries": None}
     if segment_mass is not None:
         per_head = segment_mass.float().mean(dim=(0, 2))  # [G, h, Nq, S] -> [h, S]
+        over = "every query, mean" if mass_rows is None else \
+            f"mean over {len(mass_rows)} queries on a regular grid (every {stride}th token per row and column)"
         out["all_queries"] = {"per_head": per_head.tolist(), "head_mean": per_head.mean(0).tolist(),
-                              "pointer_share": share(per_head.mean(0)), "over": "every query, mean"}
+                              "pointer_share": share(per_head.mean(0)), "over": over,
+                              "queries": "all" if mass_rows is None else "sampled", "sampled_queries": mass_rows}
     return out
 
 

@@ -12,7 +12,7 @@ from sam2_layerwise.errors import InputError
 
 log = logging.getLogger("sam2_layerwise")
 
-VIDEO_FLAGS = ("--prompt-frame", "--max-frames", "--frame-stride", "--frames")
+VIDEO_FLAGS = ("--prompt-frame", "--max-frames", "--frame-stride", "--frames", "--memory-mass")
 
 
 def add_video_arguments(p) -> None:
@@ -28,6 +28,11 @@ def add_video_arguments(p) -> None:
                    help="take every S-th source frame (default 1)")
     g.add_argument("--frames", default=None, metavar="A:B",
                    help="source frames A to B, inclusive (A:, :B and a single A work too)")
+    g.add_argument("--memory-mass", choices=["sampled", "all", "selected"], default=None,
+                   help="memory attention's mass per memory frame and object pointer beyond the selected queries: "
+                        "sampled (default: every 4th token per row and column, 1/16 of the queries), all (every "
+                        "query, tile by tile: as costly as memory attention itself), selected (none beyond them); "
+                        "--query-stats all implies all")
 
 
 def video_mode(args) -> bool:
@@ -86,8 +91,10 @@ def prepare(args):
 def capture_options(args, chosen, plan, **extra):
     from sam2_layerwise.capture import CaptureOptions
 
+    every = args.query_stats == "all"
     return CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
-                          all_query_stats=args.query_stats == "all", keep_qkv=args.save_qkv or plan.active,
+                          all_query_stats=every, keep_qkv=args.save_qkv or plan.active,
+                          memory_mass="all" if every else (getattr(args, "memory_mass", None) or "sampled"),
                           layers=None if args.layers is None else tuple(chosen), **extra)
 
 

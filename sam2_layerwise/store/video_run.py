@@ -78,7 +78,8 @@ def write_record_tensors(writer, record: AttentionRecord, opts: OutputOptions) -
         payloads["attn"] = {
             "probs": pooled.contiguous(), "key_pooling": pooling,
             "queries": [q.to_dict() for q in record.queries], "query_stats": record.query_stats,
-            "segment_mass": record.segment_mass,  # [G, heads, Nq, segments] or None
+            "segment_mass": record.segment_mass,  # [G, heads, Nq or sampled queries, segments] or None
+            "segment_mass_queries": ((record.memory_mass or {}).get("all_queries") or {}).get("sampled_queries"),
             "layer_key": record.layer_key, "name": record.name, "kind": record.kind, "geometry": record.geometry,
             "frame": record.frame_index,
         }

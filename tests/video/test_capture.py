@@ -11,7 +11,7 @@ import torch
 
 from sam2_layerwise.api_video import capture_video
 from sam2_layerwise.capture import CaptureOptions
-from sam2_layerwise.capture.attention import attention_probs
+from sam2_layerwise.capture.attention import attention_probs, query_statistics
 from sam2_layerwise.frames import open_video
 from sam2_layerwise.inputs import parse_prompts
 from sam2_layerwise.model.video import track_plain
@@ -42,7 +42,8 @@ def tracked(video_model, source, prompts):
 
     handle = video_model.memory_attention.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        cap = capture_video(video_model, source, prompts, CaptureOptions(max_attn_queries=2, keep_qkv=True),
+        cap = capture_video(video_model, source, prompts,
+                            CaptureOptions(max_attn_queries=2, keep_qkv=True, memory_mass="all"),
                             prompt_frame=PROMPT_FRAME, on_state=lambda s: seen.__setitem__("state", s))
     finally:
         handle.remove()
@@ -147,6 +148,11 @@ def test_segment_mass_over_every_query(tracked):
         assert torch.allclose(torch.tensor(mm["all_queries"]["per_head"]), per_head, atol=1e-6)
         ptr = [i for i, s in enumerate(r.geometry["key_segments"]) if s["kind"] == "object_pointer"]
         assert math.isclose(mm["all_queries"]["pointer_share"], float(per_head.mean(0)[ptr].sum()), abs_tol=1e-6)
+        # the fused path (torch's own kernel, indicator values) on a sample of queries: the same masses
+        rows = [0, 9, 27, 63]
+        fused = query_statistics(q[:, :, rows], k, r.scale, segments=[(s["start"], s["stop"]) for s in
+                                                                       r.geometry["key_segments"]], stats=False)
+        assert torch.allclose(fused["segment_mass"], r.segment_mass[:, :, rows], atol=1e-6)
         for n, sel in enumerate(mm["selected"]):  # selected rows: the recorded probabilities summed per segment
             rows = torch.stack([r.probs[n, :, s["start"]:s["stop"]].sum(-1) for s in r.geometry["key_segments"]], -1)
             assert torch.allclose(torch.tensor(sel["per_head"]), rows, atol=1e-6)

@@ -73,6 +73,10 @@ def test_frames_folder_run(run_cli, frames_dir):
             assert any(f"__click0__mem_f{s_['frame']:04d}__mean" in p for p in overlays), (s_, overlays)
     assert e["files"]["memory_panels"] and all((out / p).is_file() for p in e["files"]["memory_panels"] + overlays)
     assert e["memory_mass"]["all_queries"]["pointer_share"] > 0
+    assert e["memory_mass"]["all_queries"]["queries"] == "sampled"  # default: a 4x4 grid of the 8x8 tokens
+    assert e["memory_mass"]["all_queries"]["sampled_queries"] == [18, 22, 50, 54]
+    assert attn["segment_mass"].shape[2] == 4
+    assert s["capture_options"]["memory_mass"] == "sampled" and not s["capture_options"]["all_query_stats"]
     assert (out / "attn_topk" / "topk_memory_cross.txt").is_file()
 
 
