@@ -128,7 +128,8 @@ def run(args) -> int:
         opts = OutputOptions(save_attn=args.save_attn, save_qkv=args.save_qkv, max_tokens=args.max_tokens)
         timing: dict = {}
         with RunWriter(out_dir) as writer:
-            renderer = VideoRenderer(plan, source, prompts, prompt_index) if plan.active else None
+            renderer = VideoRenderer(plan, source, prompts, prompt_index, image_size=int(loaded.model.image_size)) \
+                if plan.active else None
             sink = VideoRunSink(writer, source, prompts, prompt_index, opts,
                                 render=renderer.frame if renderer else None)
             with tqdm(total=len(source), desc="tracking", unit="frame", disable=True if args.quiet else None) as bar, \

@@ -55,6 +55,7 @@ class VideoRenderer:
     source: object  # frames.VideoSource
     prompts: object
     prompt_frame: int
+    image_size: int = 1024  # the model's input size (token boxes in original pixels depend on it)
     rendered: list = field(default_factory=list)
     per_record: dict = field(default_factory=dict)  # (layer_key, call_index) -> {attn_images: [...], ...}
     ages: dict = field(default_factory=dict)  # layer -> age -> [mass]; "cond"/"pointers" keys too
@@ -65,8 +66,7 @@ class VideoRenderer:
         """Live: the records of one frame just captured (before they are lightened)."""
         views = [RecordView.from_record(r) for r in fc.attention]
         masses = {(r.layer_key, r.call_index): r.memory_mass for r in fc.attention if r.memory_mass}
-        files = self.draw_frame(writer, fc.index, views, masses, frame_geo=fc.attention[0].geometry.get("frame")
-                                if fc.attention else None)
+        files = self.draw_frame(writer, fc.index, views, masses)
         for r in fc.attention:
             r.files.update(self.per_record.get((r.layer_key, r.call_index), {}))
         return files
@@ -76,7 +76,7 @@ class VideoRenderer:
         from sam2_layerwise.geometry import ImageFrame
 
         frame = ImageFrame(self.source.width, self.source.height,
-                           int(frame_geo["image_size"]) if frame_geo else 1024)
+                           int(frame_geo["image_size"]) if frame_geo else self.image_size)
         photo = self._photo(index)
         plain = [v for v in views if v.geometry.get("keys") != "memory"]
         maps = [m for v in plain for m in build_maps(v, frame, self.plan.maps, prompts=self.prompts,
