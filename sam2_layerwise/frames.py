@@ -244,6 +244,7 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
             stream.thread_type = "AUTO"
             fps = float(stream.average_rate) if stream.average_rate else None
             files, source, n = [], [], -1
+            first_shape = None  # [H, W, 3] of the first selected frame
             want = sel.max_frames
             try:
                 for n, frame in enumerate(container.decode(stream)):
@@ -259,7 +260,7 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
                         raise InputError(f"frames differ in size: frame {source[0]} is {first_shape[1]}x"
                                          f"{first_shape[0]}, frame {n} is {arr.shape[1]}x{arr.shape[0]}", flag=flag,
                                          value=str(p))
-                    first_shape = arr.shape if not files else first_shape
+                    first_shape = first_shape or arr.shape
                     out = cache / f"{len(files):06d}.npy"
                     np.save(out, arr)
                     files.append(out)

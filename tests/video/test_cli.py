@@ -4,7 +4,6 @@ and summary, and every bad input as one line naming the flag and value, exit 2, 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
