@@ -309,11 +309,11 @@ class CaptureSession:
             part = query_statistics(q[:, :, mass_rows], k, view.scale, view.probs_transform, self.options.stats_topk,
                                     self.options.chunk_elements, segments=segments, stats=False)
             segment_mass = part["segment_mass"]  # [G, h, n_sampled, S]
-            for stat, values in (query_stats or {}).items():
-                per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
-                if valid is not None:
-                    per_head = per_head[:, valid.reshape(-1)]
-                head_stats[stat] = _summarise(per_head)
+        for stat, values in (query_stats or {}).items():
+            per_head = values.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
+            if valid is not None:
+                per_head = per_head[:, valid.reshape(-1)]
+            head_stats[stat] = _summarise(per_head)
         selected = []
         if picks:
             if kind.startswith("memory"):  # views, no gathered copy of k per query (see above)
@@ -330,8 +330,7 @@ class CaptureSession:
         if self.options.keep_qkv and picks:
             groups = sorted({p[0] for p in picks})
             gi = torch.tensor(groups, device=q.device)
-            qkv = {"groups": groups, "q": q[gi].detach().cpu().clone(), "k": k[gi].detach().cpu().clone(),
-                   "v": v[gi].detach().cpu().clone(), "scale": view.scale}
+            qkv = {"groups": groups, "q": _owned(q[gi]), "k": _owned(k[gi]), "v": _owned(v[gi]), "scale": view.scale}
 
         full_qkv = None
         if self.options.keep_all_qkv:
@@ -470,6 +469,12 @@ def _memory_mass(layout, probs: torch.Tensor, queries, segment_mass: torch.Tenso
                               "pointer_share": share(per_head.mean(0)), "over": over,
                               "queries": "all" if mass_rows is None else "sampled", "sampled_queries": mass_rows}
     return out
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of its own: `t` comes from advanced indexing (already a copy), so on the CPU no second copy."""
+    t = t.detach()
+    return t.cpu() if t.device.type != "cpu" else t
 
 
 class _Detach:
