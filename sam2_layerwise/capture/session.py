@@ -261,8 +261,13 @@ class CaptureSession:
         """Record which of `tensors` hold NaN/inf (one sync when all are finite, the common case).
 
         A sum is finite exactly when no element is NaN/inf, unless finite values overflow it (|sum| > 3e38):
-        one read and no boolean copy per tensor; only a non-finite sum is looked at element by element."""
+        one read and no boolean copy per tensor; only a non-finite sum is looked at element by element. The
+        attention output is read first: NaN/inf in q, k or v reaches it (all but a -inf score, whose key then
+        gets probability 0 and changes nothing), so q/k/v are read only when it is not finite."""
         with torch.autocast(next(iter(tensors.values())).device.type, enabled=False):
+            last = tensors.get("attention output")
+            if last is not None and bool(torch.isfinite(last.sum(dtype=torch.float32))):
+                return
             sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
         if bool(torch.isfinite(sums).all()):
             return
