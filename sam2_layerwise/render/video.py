@@ -139,14 +139,14 @@ class VideoRenderer:
                     if q.get("cell") is not None:
                         qr, qc = q["cell"]
                         cells = [qr, qr + 1, qc, qc + 1]
-                    cond = "conditioning, " if s.get("conditioning") else ""
+                    cond = "cond, " if s.get("conditioning") else ""
                     by_frame.setdefault(s["frame"], []).append(AttentionMap(
                         layer_key=v.layer_key, kind=v.kind, call_index=v.call_index,
                         name=f"{layout.safe_name(v.stem)}__{layout.safe_name(q['label'])}__mem_f{s['frame']:04d}__{tag}",
                         label=q["label"],
-                        title=(f"{v.layer_key} [memory_cross] frame {index}, query {q['label']}: memory of frame "
-                               f"{s['frame']} ({cond}age {s.get('age')}) holds {mass:.1%} of the attention, {words}; "
-                               f"drawn on frame {s['frame']}, colours shared by this query's memory frames"),
+                        title=(f"{v.layer_key} frame {index} {q['label']}: {mass:.1%} of its attention on the "
+                               f"memory of frame {s['frame']} ({cond}age {s.get('age')}), drawn here on frame "
+                               f"{s['frame']}; {words}, one scale for all its memory frames"),
                         quantity=f"attention probability per memory token ({words})", display="grid", head=head,
                         score=float(np.nanmax(grid)), peak=f"f{s['frame']} key({r},{c})", grid=grid,
                         real_hw=grid.shape, query_box=q.get("pixel_box"), query_cells=cells, vmax=vmax))
