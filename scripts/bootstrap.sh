@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install everything sam2-layerwise needs, from nothing. Idempotent: a second run is quick.
 # torch/torchvision first (sam2 builds against them), then sam2 without build isolation and without its CUDA
-# extension, then this package with its test extras.
+# extension, then this package with its test and ray extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,10 +12,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $($PY --version)" >&2
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, sam2, sam2_layerwise, av, pytest, matplotlib, pandas, starlette, uvicorn, playwright, httpx" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, torchvision, sam2, sam2_layerwise, av, pytest, matplotlib, pandas, pyarrow, ray, starlette, uvicorn, playwright, httpx" >/dev/null 2>&1; then
   echo "bootstrap: installing $TORCH, $SAM2 and sam2-layerwise into .venv (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet $TORCH
   SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --no-build-isolation $SAM2
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[test,ray]"  # ray: sweep --engine ray and its tests (run in CI)
 fi

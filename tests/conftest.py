@@ -46,3 +46,21 @@ def chelsea() -> np.ndarray:
 @pytest.fixture(scope="session")
 def coffee() -> np.ndarray:
     return load_image(COFFEE)
+
+
+@pytest.fixture(scope="session")
+def quant_checkpoints(tmp_path_factory, tiny_checkpoint):
+    """name -> (quantization config, calibrated checkpoint) for passthrough, w8a8 and w4a8_mixed (log2 probs),
+    made by the real `quantize` command on coffee.png (compare, generate and sweep tests)."""
+    from sam2_layerwise.cli.main import main
+
+    d = tmp_path_factory.mktemp("qckpt")
+    out = {}
+    for name in ("passthrough", "w8a8", "w4a8_mixed"):
+        cfg = REPO / "examples" / "quantization" / f"{name}.yaml"
+        ckpt = d / f"{name}.pt"
+        assert main(["quantize", "--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint),
+                     "--adaptive-qat-config", str(cfg), "--calib-images", str(COFFEE), "--output", str(ckpt),
+                     "-q"]) == 0
+        out[name] = (cfg, ckpt)
+    return out

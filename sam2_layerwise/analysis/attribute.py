@@ -162,6 +162,7 @@ class ForwardCache:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.input: torch.Tensor | None = None  # the image encoder's input [1, 3, S, S] (resized, normalised)
         self.patch: torch.Tensor | None = None
         self.blocks: dict[int, torch.Tensor] = {}
         self.trunk: list[torch.Tensor] | None = None
@@ -195,6 +196,7 @@ class ForwardCache:
         self.trunk = list(output)
 
     def _keep_encoder(self, module, args, output):
+        self.input = args[0] if args else None
         self.encoder = _copy_encoder_output(output)
 
     @property
@@ -222,6 +224,9 @@ def _replaying(model: nn.Module, cache: ForwardCache, start: tuple[int, int]):
     try:
         if stage == BLOCK:
             replay(trunk.patch_embed, lambda *a, **k: cache.patch)
+            if index > 0:  # block 0 replays too: the position embedding it would have been given is not needed
+                trunk._get_pos_embed = lambda *a, **k: 0.0
+                replaced.append(_Attr(trunk, "_get_pos_embed"))
             for j in range(index):
                 replay(trunk.blocks[j], lambda *a, _j=j, **k: cache.blocks[_j])
         elif stage == NECK:
@@ -231,7 +236,32 @@ def _replaying(model: nn.Module, cache: ForwardCache, start: tuple[int, int]):
         yield
     finally:
         for module in replaced:
-            del module.forward
+            if isinstance(module, _Attr):
+                delattr(module.obj, module.name)
+            else:
+                del module.forward
+
+
+class _Attr:
+    """An instance attribute set for the duration of a replay (deleted again after)."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+
+class _CachedTransforms:
+    """A predictor's SAM2Transforms whose image transform returns the baseline's resized, normalised input
+    (the same tensor `set_image` computed then); everything else (prompt coordinates, mask postprocessing) is
+    the real one's."""
+
+    def __init__(self, real, image_input: torch.Tensor):
+        self._real, self._input = real, image_input
+
+    def __call__(self, image):
+        return self._input[0]  # set_image adds the batch axis back
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
 
 
 @contextlib.contextmanager
@@ -330,11 +360,15 @@ class AttributionContext:
                 predictor = self._predictors.get(mode)
                 if predictor is None:  # the unit runs after set_image: its image embedding is the baseline's
                     predictor = make_predictor(self.model)
+                    if cache.input is not None:
+                        predictor._transforms = _CachedTransforms(predictor._transforms, cache.input)
                     with _replaying(self.model, cache, (AFTER_ENCODER, 0)):
                         set_image(predictor, self.image)
                     self._predictors[mode] = predictor
                 return predict(predictor, self.prompts, self.multimask)
             predictor = make_predictor(self.model)
+            if cache.input is not None:  # the image is not resized and normalised again
+                predictor._transforms = _CachedTransforms(predictor._transforms, cache.input)
             with _replaying(self.model, cache, start):
                 set_image(predictor, self.image)
             return predict(predictor, self.prompts, self.multimask)

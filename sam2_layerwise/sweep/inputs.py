@@ -149,10 +149,10 @@ class Row:
 def _parse_numbers(text, what: str, where: str, spec: str) -> tuple[float, ...] | None:
     if text is None or (isinstance(text, str) and not text.strip()) or (isinstance(text, list) and not text):
         return None
-    if isinstance(text, list):
-        parts = text
-    elif isinstance(text, str):
-        parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
+    if isinstance(text, list):  # [x, y, l, ...] or [[x, y, l], ...]
+        parts = [v for p in text for v in (p if isinstance(p, list) else [p])]
+    elif isinstance(text, str):  # "x y l ...", also with commas, semicolons or brackets
+        parts = [p for p in re.split(r"[\s,;()\[\]]+", text.strip()) if p]
     else:
         raise InputError(f"{where}: {what} must be a list of numbers or a string of them", flag=FLAG, value=spec)
     out = []

@@ -138,7 +138,19 @@ class SweepDir:
         if existing is None:
             d.write_manifest(status="running")  # the directory is a sweep from now on (resumable)
         d._lock()
+        d._remove_leftovers()
         return d
+
+    def _remove_leftovers(self) -> None:
+        """What a sweep killed mid-write left: staging folders of the aggregation and half-written temporary
+        files (this process holds the lock, so nobody else is writing them)."""
+        for entry in self.path.iterdir():
+            name = entry.name
+            if re.match(rf"^\.{AGGREGATE}\.(partial|old)-\d+-[0-9a-f]{{8}}$", name) and entry.is_dir() \
+                    and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif name.startswith(".") and name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)
 
     def _read_manifest(self) -> dict:
         try:

@@ -118,9 +118,11 @@ class SweepWorker:
         self.q_info = loaded.describe()
         keys = layer_sel.attention_layer_keys(self.model, image_mode=True)
         chosen = layer_sel.select(keys, spec.layers)
+        # per-block output statistics and non-finite checks only for kept runs (the tables report neither)
         self.options = CaptureOptions(max_attn_queries=spec.max_attn_queries, stats_topk=spec.stats_topk,
                                       all_query_stats=spec.query_stats == "all", keep_qkv=True,
-                                      layers=None if spec.layers is None else tuple(chosen))
+                                      layers=None if spec.layers is None else tuple(chosen),
+                                      output_stats=bool(spec.runs_dir))
         self.k = spec.topk if spec.topk is not None else spec.stats_topk if spec.stats_topk > 0 else 5
         self.base = AttributionContext(model=self.model, qm=qm, units=build_units(self.model, qm, list(fp_values)),
                                        fp_values=fp_values, image=None, prompts=None, multimask=not spec.single_mask,
@@ -193,8 +195,9 @@ class SweepWorker:
         timings["seconds_q"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        errors = selected_errors(kept, q_cap)
-        measured = measure_captures(fp_cap, q_cap, errors, self.k)
+        with one_thread():  # small tensors: a parallel region costs more than it saves (10-100x on busy cores)
+            errors = selected_errors(kept, q_cap)
+            measured = measure_captures(fp_cap, q_cap, errors, self.k)
         result["heads"] = measured["heads"]
         result["metrics"] = item_metrics(measured["impact"], fp_cap.prediction, q_cap.prediction, gt)
         timings["seconds_metrics"] = time.perf_counter() - t
@@ -247,6 +250,17 @@ class SweepWorker:
             manifest = pair.compare_manifest(args, mode="light", models=models, image_info=info, prompts=prompts,
                                              calls=len(q_cap.attention), qcfg=self.qm.config, extra=extra)
             atomic_write_json(manifest, writer.path(cr.MANIFEST))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads set to 1 for the block (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def failed_result(item: Item, reason: str) -> dict:

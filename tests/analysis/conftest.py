@@ -11,19 +11,8 @@ EXAMPLES = REPO / "examples" / "quantization"
 POINTS = ["300", "200", "1", "120", "80", "0"]
 
 
-@pytest.fixture(scope="session")
-def quant_checkpoints(tmp_path_factory, tiny_checkpoint):
-    """name -> (quantization config, calibrated checkpoint) for passthrough, w8a8 and w4a8_mixed (log2 probs)."""
-    d = tmp_path_factory.mktemp("qckpt")
-    out = {}
-    for name in ("passthrough", "w8a8", "w4a8_mixed"):
-        cfg = EXAMPLES / f"{name}.yaml"
-        ckpt = d / f"{name}.pt"
-        assert main(["quantize", "--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint),
-                     "--adaptive-qat-config", str(cfg), "--calib-images", str(COFFEE), "--output", str(ckpt),
-                     "-q"]) == 0
-        out[name] = (cfg, ckpt)
-    return out
+# quant_checkpoints (passthrough / w8a8 / w4a8_mixed made by the real quantize command): tests/conftest.py,
+# shared with the sweep tests so the whole suite calibrates them once.
 
 
 def compare_args(tiny_checkpoint, qcfg, qckpt, out, mode="--save-raw", *extra):

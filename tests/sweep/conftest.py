@@ -1,6 +1,6 @@
 """Sweep fixtures: six items cut from the real photographs (crops and resizes, PNG and JPEG), the tiny model's
-quantized checkpoints made by the real `quantize` command (tests/analysis/conftest.py), and a helper that runs
-a sweep through the CLI's own parser."""
+quantized checkpoints made by the real `quantize` command (`quant_checkpoints`, tests/conftest.py), and a
+helper that runs a sweep through the CLI's own parser."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from sam2_layerwise.cli.main import build_parser, main
-from tests.analysis.conftest import quant_checkpoints  # noqa: F401 - a fixture shared with the compare tests
 from tests.conftest import CHELSEA, COFFEE, TINY_CONFIG
 
 
@@ -50,3 +49,16 @@ def sweep(tiny_checkpoint, quant_checkpoints):
     def go(name, inputs, out, *extra):
         return main(sweep_cmd(tiny_checkpoint, quant_checkpoints, name, inputs, out, *extra))
     return go
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's tensors are small: one intra-op thread is faster than two (and much faster on busy
+    cores, where a parallel region waits for a core). Module scope, so the module's own fixtures run with it
+    too; restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

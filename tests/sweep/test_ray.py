@@ -47,22 +47,23 @@ def comparable(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_ray_engine_gives_the_local_tables_even_when_a_worker_dies(ray_instance, tmp_path, photos, tiny_checkpoint,
                                                                    quant_checkpoints):
-    local = tmp_path / "local"
-    argv = sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", photos, local, "--attribute",
-                     "--attribute-layers", "image_encoder_trunk_blocks_*", "--num-cpus-per-worker", "1")
-    argv_local = [a for a in argv if a not in ("--num-cpus-per-worker", "1")]
-    assert run_api(argv_local)["ok"] == 6
-    for name, hook in (("ray", None), ("ray_killed", kill_once(str(tmp_path / "killed"), at=2))):
-        out = tmp_path / name
-        report = run_api([*[str(out) if a == str(local) else a for a in argv], "--engine", "ray",
-                          "--num-workers", "2"], before_item=hook)
-        assert report == {**report, "total": 6, "ok": 6, "failed": 0, "ran": 6}
-        for table in ("items.parquet", "heads.parquet", "attribution.parquet"):
-            a, b = pd.read_parquet(local / table), pd.read_parquet(out / table)
-            pd.testing.assert_frame_equal(comparable(a), comparable(b))
-        assert sorted(p.name for p in (out / "parts").iterdir()) == sorted(pd.read_parquet(local / "items.parquet")
-                                                                           ["key"])
-    assert (tmp_path / "killed").exists()  # the worker really died mid-sweep (and Ray restarted it)
+    """Six items on two Ray workers, one of which is SIGKILLed as it starts the third item: Ray restarts it and
+    retries that item; the tables are the local engine's, every item exactly once."""
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    extra = ("--attribute", "--attribute-layers", "image_encoder_trunk_blocks_4:5,*final*")
+    assert run_api(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", photos, local, *extra))["ok"] == 6
+    report = run_api(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", photos, remote, *extra, "--engine",
+                               "ray", "--num-workers", "2"), before_item=kill_once(str(tmp_path / "killed"), at=2))
+    assert (tmp_path / "killed").exists()  # the worker really died mid-sweep
+    assert report == {**report, "total": 6, "ok": 6, "failed": 0, "ran": 6}
+    for table in ("items.parquet", "heads.parquet", "attribution.parquet"):
+        a, b = pd.read_parquet(local / table), pd.read_parquet(remote / table)
+        assert len(a) and len(set(a["key"])) == 6
+        pd.testing.assert_frame_equal(comparable(a), comparable(b))
+    keys = sorted(pd.read_parquet(local / "items.parquet")["key"])
+    assert sorted(p.name for p in (remote / "parts").iterdir()) == keys  # no shard lost, none extra
+    pd.testing.assert_frame_equal(pd.read_parquet(local / "sweep" / "heads.parquet"),
+                                  pd.read_parquet(remote / "sweep" / "heads.parquet"))
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path, photos, tiny_checkpoint, quant_checkpoints, capsys):

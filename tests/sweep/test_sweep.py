@@ -32,7 +32,11 @@ def folder_sweep(tmp_path_factory, photos, tiny_checkpoint, quant_checkpoints):
     shutil.copytree(photos, inputs)
     (inputs / "z_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     out = d / "out"
-    return main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out)), out
+    return main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out, *ATTRIBUTE)), out
+
+
+ATTRIBUTE = ("--attribute", "--attribute-layers",
+             "image_encoder_trunk_blocks_2:3,sam_mask_decoder_transformer_layers_0_self_attn")
 
 
 def test_folder_sweep_tables_failures_and_aggregation(folder_sweep):
@@ -75,6 +79,21 @@ def test_folder_sweep_tables_failures_and_aggregation(folder_sweep):
     assert (agg / "plots" / "heatmap_js_mean_mean.png").stat().st_size > 1000
     m = json.loads((out / "sweep.json").read_text())
     assert m["schema"] == "sam2-layerwise/sweep" and m["counts"] == {"items": 7, "ok": 6, "failed": 1}
+    # attribution of the chosen units, per item and aggregated
+    a = pd.read_parquet(out / "attribution.parquet")
+    assert list(a.columns) == list(columns()["attribution"]) == documented("attribution")
+    assert list(dict.fromkeys(a["unit"])) == ["image_encoder_trunk_blocks_2", "image_encoder_trunk_blocks_3",
+                                              "sam_mask_decoder_transformer_layers_0_self_attn"]
+    assert a.groupby("item").size().eq(3).all() and set(a["item"]) == set(ok["item"])
+    assert np.allclose(a["delta_iou"], a["iou"] - a["baseline_iou"]) and (a["sites"] > 0).all()
+    merged = a.merge(items[["item", "iou"]], on="item", suffixes=("", "_item"))
+    assert (merged["baseline_iou"] == merged["iou_item"]).all()  # restore mode: the baseline is the Q model
+    at = pd.read_csv(agg / "attribution.csv")
+    assert list(at.columns) == documented("sweep/attribution")
+    assert at.loc[0, "delta_iou_mean"] == pytest.approx(a[a.unit == at.loc[0, "unit"]]["delta_iou"].mean())
+    assert layers.set_index("layer_key").loc["image_encoder_trunk_blocks_2", "attribution_delta_iou_mean"] == \
+        pytest.approx(a[a.unit == "image_encoder_trunk_blocks_2"]["delta_iou"].mean())
+    assert (agg / "plots" / "attribution.png").stat().st_size > 1000
 
 
 def test_resume_skips_finished_items_and_refuses_other_models(folder_sweep, tmp_path, tiny_checkpoint,
@@ -84,7 +103,7 @@ def test_resume_skips_finished_items_and_refuses_other_models(folder_sweep, tmp_
     shutil.copytree(done, out)
     inputs = json.loads((out / "sweep.json").read_text())["inputs"]["spec"]
     before = pd.read_parquet(out / "items.parquet")
-    argv = sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out)
+    argv = sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out, *ATTRIBUTE)
     report = run_api(argv)
     assert report["skipped"] == 6 and report["ran"] == 1  # only the failed item is tried again
     after = pd.read_parquet(out / "items.parquet")
@@ -99,22 +118,25 @@ def test_resume_skips_finished_items_and_refuses_other_models(folder_sweep, tmp_
     pd.testing.assert_frame_equal(heads_before, pd.read_parquet(out / "heads.parquet"))
     # other models or options: refused before anything is loaded or written, naming what differs
     stamp = (out / "sweep.json").stat().st_mtime_ns
-    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", inputs, out)) == 2
-    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out, "--max-attn-queries", 2)) == 2
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", inputs, out, *ATTRIBUTE)) == 2
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out, "--max-attn-queries", 2,
+                          *ATTRIBUTE)) == 2
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out)) == 2  # without --attribute
     assert (out / "sweep.json").stat().st_mtime_ns == stamp
 
 
 def test_resume_refusal_names_the_difference(folder_sweep, tmp_path, capsys, tiny_checkpoint, quant_checkpoints):
     _, done = folder_sweep
     inputs = json.loads((done / "sweep.json").read_text())["inputs"]["spec"]
-    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", inputs, done, "--stats-topk", 3)) == 2
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", inputs, done, "--stats-topk", 3,
+                          *ATTRIBUTE)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--output-dir" in err
     assert "checkpoint_sha256" in err and "stats_topk (3 now, 5 there)" in err
 
 
 def test_manifests_prompts_masks_and_generate_reuse(tmp_path, photos, tiny_checkpoint, quant_checkpoints):
-    """CSV and JSONL manifests (relative paths, points, a box, a ground-truth mask) give the same items; the
+    """CSV and JSONL manifests (relative paths, points, a box, a ground-truth mask) plan the same items; the
     kept compare run of an item gives, through generate, exactly the heads rows the sweep measured in memory."""
     from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.model import build_model
@@ -138,27 +160,25 @@ def test_manifests_prompts_masks_and_generate_reuse(tmp_path, photos, tiny_check
         '{"image": "img/b_cup_small.jpg", "points": [120, 90, 1, 40, 30, 0], "mask": "img/gt.png"}\n'
         '{"image": "img/c_cat_crop.png", "box": "20 30 200 220"}\n\n'
         '{"image": "img/e_cat_tall.png"}\n')
-    tables = {}
-    for manifest in ("items.csv", "items.jsonl"):
-        out = tmp_path / f"out_{manifest}"
-        extra = ("--keep-runs",) if manifest.endswith("csv") else ()
-        assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", d / manifest, out,
-                              "--auto-prompts", "grid:2", "--layers", "image_encoder_trunk_blocks_4:5,sam*",
-                              *extra)) == 0
-        tables[manifest] = (pd.read_parquet(out / "items.parquet"), pd.read_parquet(out / "heads.parquet"), out)
-    items, heads, out = tables["items.csv"]
-    assert list(items["prompt"]) == ["manifest", "manifest", "grid 1/4", "grid 2/4", "grid 3/4", "grid 4/4"]
+    from sam2_layerwise.sweep.inputs import AutoPrompts, plan_items, read_inputs
+
+    planned = {m: plan_items(read_inputs(str(d / m))[1], AutoPrompts.parse("center"), "m")
+               for m in ("items.csv", "items.jsonl")}
+    assert [(i.key, i.points, i.box, i.mask) for i in planned["items.csv"]] == \
+        [(i.key, i.points, i.box, i.mask) for i in planned["items.jsonl"]]
+    out = tmp_path / "out"
+    assert main(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w4a8_mixed", d / "items.csv", out,
+                          "--layers", "image_encoder_trunk_blocks_4:5,sam*", "--keep-runs")) == 0
+    items, heads = pd.read_parquet(out / "items.parquet"), pd.read_parquet(out / "heads.parquet")
+    assert list(items["prompt"]) == ["manifest", "manifest", "center"]
     assert items.loc[0, "points"] == "120 90 1 40 30 0" and items.loc[1, "box"] == "20 30 200 220"
     assert items.loc[0, "gt_iou_fp"] == 1.0 and 0 <= items.loc[0, "gt_iou_q"] <= 1
     assert items.loc[1:, "gt_iou_fp"].isna().all()
-    assert items.loc[3, "points"] == "120 60 1"  # grid:2 cell centres of the 160 x 240 photo, row by row
+    assert items.loc[2, "points"] == "80 120 1"  # the centre of the 160 x 240 photo
     assert items.loc[0, "source"] == "items.csv line 2"
-    drop = [c for c in items.columns if c.startswith("seconds") or c == "source"]
-    pd.testing.assert_frame_equal(items.drop(columns=drop), tables["items.jsonl"][0].drop(columns=drop))
-    pd.testing.assert_frame_equal(heads, tables["items.jsonl"][1])
     # --keep-runs: each item's compare run; generate on it reproduces the sweep's rows (one implementation)
     runs = sorted((out / "runs").iterdir())
-    assert len(runs) == 6
+    assert len(runs) == 3
     run = next(r for r in runs if r.name.startswith("b_cup_small"))
     assert main(["generate", "--run_dir", str(run), "-q"]) == 0
     gen = pd.read_csv(run / "analysis" / "metrics_heads.csv")
@@ -169,6 +189,25 @@ def test_manifests_prompts_masks_and_generate_reuse(tmp_path, photos, tiny_check
         np.testing.assert_allclose(gen[col].to_numpy(float), mine[col].to_numpy(float), rtol=1e-12, atol=0)
     page = (out / "sweep" / "index.html").read_text()
     assert "runs/b_cup_small" in page
+
+
+def test_auto_prompts_and_planning(tmp_path, photos):
+    """grid:N and random:N: one item per click, in original pixels, the same clicks for the same image."""
+    from sam2_layerwise.sweep.inputs import AutoPrompts, plan_items, read_inputs
+
+    kind, rows = read_inputs(str(photos))
+    assert kind == "directory" and [r.image.name for r in rows][:2] == ["a_cat.png", "b_cup_small.jpg"]
+    items = plan_items(rows[4:5], AutoPrompts.parse("grid:2"), "m")  # e_cat_tall.png, 160 x 240
+    assert [(i.prompt, i.points) for i in items] == [("grid 1/4", (40.0, 60.0, 1.0)), ("grid 2/4", (120.0, 60.0, 1.0)),
+                                                     ("grid 3/4", (40.0, 180.0, 1.0)), ("grid 4/4", (120.0, 180.0, 1.0))]
+    assert len({i.key for i in items}) == 4 and items[0].width == 160 and items[0].height == 240
+    r1 = plan_items(rows[:2], AutoPrompts.parse("random:3", seed=7), "m")
+    r2 = plan_items(rows[:2], AutoPrompts.parse("random:3", seed=7), "m")
+    r3 = plan_items(rows[:2], AutoPrompts.parse("random:3", seed=8), "m")
+    assert [i.points for i in r1] == [i.points for i in r2] != [i.points for i in r3]
+    assert all(0 <= i.points[0] < i.width and 0 <= i.points[1] < i.height for i in r1)
+    assert plan_items(rows[:1], AutoPrompts.parse("center"), "m")[0].points == (451 / 2, 150.0, 1.0)
+    assert plan_items(rows[:1], AutoPrompts.parse("center"), "other models")[0].key != items[0].key
 
 
 def test_click_outside_an_image_fails_that_item_only(tmp_path, photos, sweep):
