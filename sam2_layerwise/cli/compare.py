@@ -75,12 +75,29 @@ def _same_config(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() or pa.read_bytes() == pb.read_bytes()
 
 
-def prepare(args):
-    """Everything checked before a model is loaded: flags, quantization config, image, prompts, output."""
+def quant_config_and_base(args):
+    """`--config-quantized` read and checked; `--config-original` defaults to its base_config, and one that
+    disagrees with it is an error (compare and sweep)."""
     from sam2_layerwise.analysis.pair import QUANT_FLAGS, renamed_flags
-    from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.quant import load_quant_config
     from sam2_layerwise.quant.checkpoint import resolve_base_config
+
+    with renamed_flags(QUANT_FLAGS):
+        qcfg = load_quant_config(args.config_quantized)
+    base = resolve_base_config(qcfg)
+    if args.config_original is None:
+        if base is None:
+            raise ModelError("missing, and the quantization config names no base_config", flag="--config-original")
+        args.config_original = base
+    elif base is not None and not _same_config(args.config_original, base):
+        raise ModelError(f"disagrees with the quantization config's base_config ({qcfg.base_config})",
+                         flag="--config-original", value=args.config_original)
+    return qcfg
+
+
+def prepare(args):
+    """Everything checked before a model is loaded: flags, quantization config, image, prompts, output."""
+    from sam2_layerwise.inputs import load_image, parse_prompts
     from sam2_layerwise.store.layout import COMPARE_RUN, check_output_dir
 
     if args.full_dtype != "fp32" and not args.save_full_attn:
@@ -93,16 +110,7 @@ def prepare(args):
 
         expand(args.attribute_layers, "--attribute-layers")
     args.attribute_mode = args.attribute_mode or "restore"
-    with renamed_flags(QUANT_FLAGS):
-        qcfg = load_quant_config(args.config_quantized)
-    base = resolve_base_config(qcfg)
-    if args.config_original is None:
-        if base is None:
-            raise ModelError("missing, and the quantization config names no base_config", flag="--config-original")
-        args.config_original = base
-    elif base is not None and not _same_config(args.config_original, base):
-        raise ModelError(f"disagrees with the quantization config's base_config ({qcfg.base_config})",
-                         flag="--config-original", value=args.config_original)
+    qcfg = quant_config_and_base(args)
     out_dir = check_output_dir(args.output_dir, "--output-dir", COMPARE_RUN)
     image = load_image(args.image, max_pixels=args.max_pixels)
     h, w = image.shape[:2]
