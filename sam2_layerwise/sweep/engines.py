@@ -190,14 +190,17 @@ class RayEngine:
             submit()
 
     def close(self) -> None:
+        """Stop the actors, and Ray when this engine started it; a second call does nothing."""
         ray = self.ray
         for a in getattr(self, "actors", []):
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        self.actors = []
         if self.started:
             ray.shutdown()
+            self.started = False
 
 
 def _cause(exc: BaseException) -> BaseException:

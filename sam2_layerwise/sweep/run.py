@@ -37,23 +37,11 @@ def _check_flags(args) -> None:
 
 def _models(args):
     """The quantization config, the float config (its base_config when omitted) and the four files' SHA-256."""
-    from sam2_layerwise.analysis.pair import QUANT_FLAGS, renamed_flags
-    from sam2_layerwise.cli.compare import _same_config
+    from sam2_layerwise.cli.compare import quant_config_and_base
     from sam2_layerwise.model.loading import resolve_checkpoint, resolve_config
-    from sam2_layerwise.quant import load_quant_config
-    from sam2_layerwise.quant.checkpoint import resolve_base_config
     from sam2_layerwise.sweep.inputs import sha256_file
 
-    with renamed_flags(QUANT_FLAGS):
-        qcfg = load_quant_config(args.config_quantized)
-    base = resolve_base_config(qcfg)
-    if args.config_original is None:
-        if base is None:
-            raise ModelError("missing, and the quantization config names no base_config", flag="--config-original")
-        args.config_original = base
-    elif base is not None and not _same_config(args.config_original, base):
-        raise ModelError(f"disagrees with the quantization config's base_config ({qcfg.base_config})",
-                         flag="--config-original", value=args.config_original)
+    qcfg = quant_config_and_base(args)
     try:
         config_path = resolve_config(args.config_original)
     except ModelError as exc:
@@ -164,7 +152,18 @@ def run_sweep(args, *, before_item=None) -> dict:
         del probe
 
     items = plan_items(rows, auto, _fingerprint(identity))
-    sweep = SweepDir.open(out, identity)
+    if args.engine == "local":
+        engine = engines.LocalEngine(worker, before_item)
+    else:  # joined (or started) and its workers' models loaded before the directory is touched
+        engine = engines.RayEngine(_spec(args, hashes, runs_dir, max(1, int(args.num_cpus_per_worker))),
+                                   address=args.ray_address, num_workers=args.num_workers,
+                                   cpus_per_worker=args.num_cpus_per_worker, gpus_per_worker=args.num_gpus_per_worker,
+                                   before_item=before_item)
+    try:
+        sweep = SweepDir.open(out, identity)
+    except BaseException:
+        engine.close()
+        raise
     try:
         finished = sweep.finished()
         todo, seen = [], set()
@@ -179,13 +178,6 @@ def run_sweep(args, *, before_item=None) -> dict:
                              versions=_versions(), inputs={"spec": str(args.inputs), "kind": kind,
                                                            "auto_prompts": auto.describe(), "items": len(items)},
                              engine=args.engine)
-        if args.engine == "local":
-            engine = engines.LocalEngine(worker, before_item)
-        else:
-            engine = engines.RayEngine(_spec(args, hashes, runs_dir, max(1, int(args.num_cpus_per_worker))),
-                                       address=args.ray_address, num_workers=args.num_workers,
-                                       cpus_per_worker=args.num_cpus_per_worker,
-                                       gpus_per_worker=args.num_gpus_per_worker, before_item=before_item)
         counts = {"ran": 0, "failed_now": 0}
         try:
             with tqdm(total=len(todo), desc=f"sweep ({engine.name}, {engine.workers} worker"
@@ -205,6 +197,7 @@ def run_sweep(args, *, before_item=None) -> dict:
         report.update(skipped=skipped, ran=counts["ran"])
         return report
     finally:
+        engine.close()  # idempotent
         sweep.close()
 
 
