@@ -22,7 +22,11 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
+_SIGNALLED: list[int] = []  # signals received during this command (a library may re-wrap the exception they raise)
+
+
 def _raise_terminated(signum, frame):
+    _SIGNALLED.append(signum)
     raise Terminated()
 
 
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from sam2_layerwise.store.layout import COMMITTED
 
     COMMITTED.clear()
+    _SIGNALLED.clear()
     try:
         with _sigterm_as_interrupt():
             return int(args._run(args) or 0)
@@ -104,18 +109,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"sam2-layerwise {args.command}: error: {exc}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    except BaseException as exc:
+        # a signal raised inside a library call may come back as the library's own error (torch.save: RuntimeError)
+        interrupted = isinstance(exc, KeyboardInterrupt) or (bool(_SIGNALLED) and isinstance(exc, Exception))
+        if not interrupted:
+            if not isinstance(exc, Exception) or args.traceback:
+                raise
+            sys.stderr.write(f"sam2-layerwise {args.command}: internal error: {type(exc).__name__}: {exc} "
+                             "(rerun with --traceback and report it)\n")  # a bug, not a user mistake
+            return EXIT_INTERNAL
+        terminated = bool(_SIGNALLED) or isinstance(exc, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
         done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
             "; nothing was changed"
         sys.stderr.write(f"sam2-layerwise {args.command}: {what}{done}\n")
-        return 143 if isinstance(exc, Terminated) else 130
-    except Exception as exc:  # a bug, not a user mistake
-        if args.traceback:
-            raise
-        sys.stderr.write(f"sam2-layerwise {args.command}: internal error: {type(exc).__name__}: {exc} "
-                         "(rerun with --traceback and report it)\n")
-        return EXIT_INTERNAL
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":
