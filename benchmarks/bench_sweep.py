@@ -127,14 +127,16 @@ def attribution(worker, items, repeats: int) -> dict:
             "ratio_median": statistics.median(ratios), "ratios": ratios, "identical_rows": True}
 
 
-def engines(config, fp_ckpt, q_ckpt, inputs, work: Path, n: int) -> dict:
-    """The same sweep on the local engine and on Ray with 2 workers (a local Ray instance started for it)."""
+def engines(config, fp_ckpt, q_ckpt, inputs, work: Path, n: int, ray_workers: int = 2) -> dict:
+    """The same sweep on the local engine and on Ray with `ray_workers` workers (a local Ray instance started
+    for it)."""
     import pandas as pd
 
     from sam2_layerwise.sweep.run import run_sweep
 
     out = {}
-    for engine, extra, workers in (("local", (), 1), ("ray", ("--engine", "ray", "--num-workers", "2"), 2)):
+    for engine, extra, workers in (("local", (), 1),
+                                   ("ray", ("--engine", "ray", "--num-workers", ray_workers), ray_workers)):
         t0 = time.perf_counter()
         report = run_sweep(args_for(config, fp_ckpt, q_ckpt, inputs, work / engine, *extra))
         wall = time.perf_counter() - t0
@@ -153,7 +155,9 @@ def main() -> int:
     ap.add_argument("--config", default="configs/sam2.1/sam2.1_hiera_t.yaml")
     ap.add_argument("--items", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--ray", action="store_true", help="also the Ray engine with 2 workers")
+    ap.add_argument("--ray", action="store_true", help="also the Ray engine (--ray-workers, default 2)")
+    ap.add_argument("--ray-workers", type=int, default=2)
+    ap.add_argument("--only-engines", action="store_true", help="skip the per-item and attribution parts")
     ap.add_argument("--skip-attribution", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--json", default=None)
@@ -184,24 +188,24 @@ def main() -> int:
         worker = SweepWorker(_spec(args, hashes, None, None))
         items = plan_items(read_inputs(str(inputs))[1], AutoPrompts.parse("center"),
                            json.dumps(identity_of(args, hashes)["models"]))
-        results["per_item"] = per_item(worker, items, a.repeats)
-        print(f"per item (light metrics): sweep {results['per_item']['sweep_item_s']:.2f} s vs plain FP + Q "
-              f"{results['per_item']['plain_fp_plus_q_s']:.2f} s: ratio {results['per_item']['ratio_median']:.3f} "
-              f"(target <= 1.15)", flush=True)
-        if not a.skip_attribution:
+        if not a.only_engines:
+            r = results["per_item"] = per_item(worker, items, a.repeats)
+            print(f"per item (light metrics): sweep {r['sweep_item_s']:.2f} s vs plain FP + Q "
+                  f"{r['plain_fp_plus_q_s']:.2f} s: ratio {r['ratio_median']:.3f} (target <= 1.15)", flush=True)
+        if not a.skip_attribution and not a.only_engines:
             results["attribution"] = attribution(worker, items, a.repeats)
             r = results["attribution"]
             print(f"--attribute over {r['blocks']} Hiera blocks: restart {r['restart_s']:.1f} s vs naive reruns "
                   f"{r['naive_s']:.1f} s: ratio {r['ratio_median']:.3f} (target <= 0.6), rows identical", flush=True)
         del worker
         if a.ray:
-            results["engines"] = engines(a.config, fp_ckpt, q_ckpt, inputs, work / "engines", a.items)
+            results["engines"] = engines(a.config, fp_ckpt, q_ckpt, inputs, work / "engines", a.items, a.ray_workers)
             e = results["engines"]
-            print(f"engines over {a.items} items: local {e['local']['wall_s']:.1f} s wall, Ray (2 workers) "
-                  f"{e['ray']['wall_s']:.1f} s ({e['ray_over_local_wall']:.2f} x); one item: local "
-                  f"{e['local']['item_s_mean']:.2f} s (2 threads), Ray {e['ray']['item_s_mean']:.2f} s (1 thread "
-                  f"per worker, {e['ray_over_local_item']:.2f} x); fixed costs: local {e['local']['fixed_s']:.1f} s, "
-                  f"Ray {e['ray']['fixed_s']:.1f} s", flush=True)
+            print(f"engines over {a.items} items: local {e['local']['wall_s']:.1f} s wall, Ray ({a.ray_workers} "
+                  f"workers) {e['ray']['wall_s']:.1f} s ({e['ray_over_local_wall']:.2f} x); one item: local "
+                  f"{e['local']['item_s_mean']:.2f} s ({torch.get_num_threads()} threads), Ray "
+                  f"{e['ray']['item_s_mean']:.2f} s (1 thread per worker, {e['ray_over_local_item']:.2f} x); fixed "
+                  f"costs: local {e['local']['fixed_s']:.1f} s, Ray {e['ray']['fixed_s']:.1f} s", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str))
