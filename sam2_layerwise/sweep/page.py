@@ -71,7 +71,8 @@ function colour(t) {  // viridis, 5 stops
   t = Math.max(0, Math.min(1, t)) * 4; const i = Math.min(3, Math.floor(t)), f = t - i;
   const c = s[i].map((v, k) => Math.round(v + f * (s[i + 1][k] - v))); return `rgb(${c})`;
 }
-const fmt = v => v === null || v === undefined ? 'n/a' : (Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : v.toFixed(4));
+const fmt = v => v === null || v === undefined ? 'n/a' : Number.isInteger(v) ? String(v) :
+  (Math.abs(v) < 1e-3 ? v.toExponential(2) : v.toFixed(4));
 function draw() {
   const cells = D.cells[sel.value] || {}; const vals = Object.values(cells).filter(v => v !== null);
   const lo = Math.min(...vals, 0), hi = Math.max(...vals, 1e-12);
