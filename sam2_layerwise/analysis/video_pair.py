@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from sam2_layerwise.errors import CaptureError, InputError, ModelError
+from sam2_layerwise.errors import CaptureError, InputError
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -26,31 +26,18 @@ log = logging.getLogger("sam2_layerwise")
 def prepare(args):
     """Every input checked before a model is loaded: modes, quantization config against the original config,
     frames, prompts, output directory. Returns (qcfg, source, prompts, prompt_index, out_dir)."""
-    from sam2_layerwise.analysis.pair import QUANT_FLAGS, renamed_flags
     from sam2_layerwise.cli.video import selection
     from sam2_layerwise.frames import open_video, resolve_prompt_frame
     from sam2_layerwise.inputs import parse_prompts
-    from sam2_layerwise.model.loading import resolve_config
-    from sam2_layerwise.quant import load_quant_config
-    from sam2_layerwise.quant.checkpoint import resolve_base_config
     from sam2_layerwise.store.layout import COMPARE_RUN, check_output_dir
 
     if args.full_dtype != "fp32" and not args.save_full_attn:
         raise InputError("only applies to --save-full-attn", flag="--full-dtype", value=args.full_dtype)
     if getattr(args, "attribute", False):
         raise InputError("is not available in video mode (it re-runs single images)", flag="--attribute")
-    with renamed_flags(QUANT_FLAGS):
-        qcfg = load_quant_config(args.config_quantized)
-    base = resolve_base_config(qcfg)
-    if args.config_original is None:
-        if base is None:
-            raise ModelError("missing, and the quantization config names no base_config", flag="--config-original")
-        args.config_original = base
-    elif base is not None:
-        a, b = resolve_config(args.config_original), resolve_config(base)
-        if a.resolve() != b.resolve() and a.read_bytes() != b.read_bytes():
-            raise ModelError(f"disagrees with the quantization config's base_config ({qcfg.base_config})",
-                             flag="--config-original", value=args.config_original)
+    from sam2_layerwise.cli.compare import quant_config_and_base
+
+    qcfg = quant_config_and_base(args)
     sel = selection(args)
     out_dir = check_output_dir(args.output_dir, "--output-dir", COMPARE_RUN)
     source = open_video(args.video, sel, max_pixels=args.max_pixels)
