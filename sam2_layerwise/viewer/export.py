@@ -2,7 +2,8 @@
 
     <out>/index.html                 the page (a copy of viewer/static/index.html; opens from disk)
     <out>/viewer_data/viewer.js, viewer.css
-    <out>/viewer_data/index.js       the run: frame, prompts, masks, metrics table, ranking, impact, layer list
+    <out>/viewer_data/index.js       the run: frame, prompts, masks, metrics table, ranking, impact, layer list,
+                                     attribution (compare --attribute: per-layer change of mask IoU)
     <out>/viewer_data/layers/L<i>.js one attention call each, loaded when the page selects it
     <out>/viewer_data/photo.jpg      the photograph, long side at most 1024 px
     <out>/viewer_data/masks/<side>_<i>.png  each model's masks, tinted, at the photo's display size
@@ -341,6 +342,35 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
+ATTRIBUTION_TEXT = {
+    "restore": "IoU of the chosen mask against FP's with only this layer restored to full precision, minus the "
+               "quantized model's: > 0 means quantizing this layer costs that much IoU",
+    "isolate": "IoU of the chosen mask against FP's with only this layer quantized, minus 1: < 0 is what "
+               "quantizing this layer alone costs",
+}
+
+
+def attribution_entry(attribution: dict | None, layers: list[dict]) -> dict | None:
+    """`compare --attribute`'s per-unit IoU changes (as generate read them: checked) for the page, each unit
+    with the id of its attention call when it is one (a Hiera block's or decoder attention layer's unit key is
+    its layer key); None without attribution."""
+    if not attribution or not attribution.get("units"):
+        return None
+    ids: dict[str, str] = {}
+    for layer in layers:
+        ids.setdefault(layer["key"], layer["id"])
+    units = []
+    for u in attribution["units"]:
+        key = str(u["unit"])[:200]
+        units.append({"unit": key, "kind": str(u.get("kind"))[:40], "order": u.get("order"),
+                      "sites": u.get("sites"), "layer": ids.get(key),
+                      "restart": u["restart"][:80] if isinstance(u.get("restart"), str) else None,
+                      "chosen_changed": u["chosen_changed"] if isinstance(u.get("chosen_changed"), bool) else None,
+                      **{k: _num(u.get(k)) for k in ("iou", "baseline_iou", "delta_iou", "delta_iou_mean")}})
+    mode = attribution["mode"]
+    return {"mode": mode, "definition": ATTRIBUTION_TEXT[mode], "units": units}
+
+
 def write_index(vw: ViewerWriter, index: dict) -> None:
     base = {"schema": SCHEMA, "version": VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -434,6 +464,7 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
         "heatmap": heatmap_table(result["heads"], layers, COMPARE_COLUMNS), "heatmap_default": "js_mean",
         "scope": result["heads"][0]["scope"] if result["heads"] else None,
         "ranking": result["ranking"], "impact": result["impact"], "topk": result.get("k"),
+        "attribution": attribution_entry(result.get("attribution"), layers),
     }
     write_index(vw, index)
     return vw.files

@@ -141,6 +141,7 @@
     S.index = index;
     for (const [k, v] of Object.entries(index.cmaps)) S.cm[k] = lut(v);
     for (const l of index.layers) S.layersById.set(l.id, l);
+    S.units = new Map(((index.attribution || {}).units || []).map((u) => [u.unit, u]));
     if (location.protocol === "http:" || location.protocol === "https:") {
       try {
         const r = await fetch("/api/info", { cache: "no-store" });
@@ -152,6 +153,7 @@
     drawHeatmap();
     document.body.dataset.heatmapMs = String(Math.round(performance.now()));  // since navigation (benchmarks)
     ranking();
+    attribution();
     impact();
     photoControls();
     attentionControls();
@@ -411,6 +413,8 @@
     const col = hm.columns.find((c) => c.key === S.sel.metric);
     if (col) lines.push(col.label + ": " + fmt(hm.values[col.key][li][head], 5));
     for (const c of hm.columns.slice(0, 8)) if (!col || c.key !== col.key) lines.push(c.key + ": " + fmt(hm.values[c.key][li][head], 4));
+    const u = layer && S.units.get(layer.key);
+    if (u) lines.push("layer ΔIoU (causal, " + S.index.attribution.mode + "): " + signed(u.delta_iou));
     return lines.join("\n");
   }
 
@@ -476,22 +480,95 @@
     clear(box);
     const rows = S.index.ranking || [];
     if (!rows.length) { box.appendChild(el("p", { cls: "note", text: "no ranking" })); return; }
+    const causal = S.units.size > 0;
     const head = ["#", "layer", "head", "JS mean", "JS p95", "top-k overlap", "q err", "k err", "v err", "out err"];
+    const at = 4;  // the causal column right beside the correlational JS mean
+    if (causal) head.splice(at, 0, "layer ΔIoU (causal)");
     const body = rows.map((r) => {
       const l = S.index.layers.find((x) => x.key === r.layer_key && x.call === r.call_index);
-      return el("tr", { cls: "clickable", data: { layer: l ? l.id : "", head: String(r.head) } }, [
+      const cells = [
         el("td", { text: String(r.rank) }), el("td", { cls: "text", text: r.layer || r.layer_key }), el("td", { text: String(r.head) }),
         el("td", { text: fmt(r.js_mean, 3) }), el("td", { text: fmt(r.js_p95, 3) }), el("td", { text: fmt(r.topk_overlap, 3) }),
         el("td", { text: fmt(r.q_rel_err, 3) }), el("td", { text: fmt(r.k_rel_err, 3) }), el("td", { text: fmt(r.v_rel_err, 3) }),
-        el("td", { text: fmt(r.out_rel_err, 3) })]);
+        el("td", { text: fmt(r.out_rel_err, 3) })];
+      if (causal) {
+        const u = S.units.get(r.layer_key);
+        cells.splice(at, 0, el("td", { cls: "causal", text: u ? signed(u.delta_iou) : "not run", data: u ? { delta: String(u.delta_iou) } : null }));
+      }
+      return el("tr", { cls: "clickable", data: { layer: l ? l.id : "", head: String(r.head) } }, cells);
     });
+    const titles = { 3: "correlational: how much this head's attention changed (Jensen–Shannon divergence, bits)" };
+    if (causal) titles[at] = "causal: change of the chosen mask's IoU against FP when this head's whole layer is " +
+      (S.index.attribution.mode === "restore" ? "restored to full precision" : "the only one quantized");
     box.appendChild(el("table", { id: "ranking-table" }, [
-      el("thead", {}, [el("tr", {}, head.map((t, i) => el("th", { text: t, cls: i === 1 ? "text" : null })))]),
+      el("thead", {}, [el("tr", {}, head.map((t, i) => el("th", { text: t, cls: i === 1 ? "text" : null, title: titles[i] })))]),
       el("tbody", {}, body)]));
     box.addEventListener("click", (ev) => {
       const tr = ev.target.closest("tr[data-layer]");
       if (tr && tr.dataset.layer) selectLayer(tr.dataset.layer, parseInt(tr.dataset.head, 10), null);
     });
+  }
+
+  // -- causal attribution (compare --attribute) ----------------------------------------------------------------
+  function signed(v) { return v === null || v === undefined ? "n/a" : (v > 0 ? "+" : "") + fmt(v, 4); }
+
+  function costs(v) {
+    // restore: restoring the layer gives IoU back (> 0); isolate: quantizing it alone loses IoU (< 0)
+    return v !== null && (S.index.attribution.mode === "restore" ? v > 0 : v < 0);
+  }
+
+  function attribution() {
+    const a = S.index.attribution;
+    $("attribution-panel").hidden = !a;
+    if (!a) return;
+    $("attribution-title").textContent = "Causal attribution: ΔIoU per layer (" + a.mode + " mode)";
+    const base = a.units.find((u) => u.baseline_iou !== null);
+    $("attribution-note").textContent = "Each bar: " + a.definition + (base && a.mode === "restore"
+      ? " (the quantized model's chosen mask has IoU " + fmt(base.baseline_iou) + " with FP's)" : "") +
+      ". Causal: one rerun per layer with only that layer changed. The heatmap and the JS ranking are correlational: " +
+      "how much attention changed, not whether the mask paid for it. Red: this layer's quantization costs IoU. " +
+      "Rows without a layer (embeddings, neck, decoder MLPs and heads) have no attention to show.";
+    $("attribution-order").addEventListener("change", drawAttribution);
+    $("attribution").addEventListener("click", (ev) => {
+      const tr = ev.target.closest("tr[data-layer]");
+      if (tr && tr.dataset.layer) selectLayer(tr.dataset.layer, S.sel.head, null);
+    });
+    drawAttribution();
+  }
+
+  function drawAttribution() {
+    const a = S.index.attribution;
+    const box = $("attribution");
+    clear(box);
+    const units = a.units.slice();
+    if ($("attribution-order").value === "effect") {
+      units.sort((x, y) => Math.abs(y.delta_iou || 0) - Math.abs(x.delta_iou || 0) || x.order - y.order);
+    }
+    let bound = 0;
+    for (const u of units) if (u.delta_iou !== null) bound = Math.max(bound, Math.abs(u.delta_iou));
+    const rows = units.map((u) => {
+      const v = u.delta_iou;
+      const w = v === null || !(bound > 0) ? 0 : 50 * Math.abs(v) / bound;  // % of the track; zero in the middle
+      const bar = el("div", { cls: "attr-bar" + (costs(v) ? " cost" : ""), style: { width: w + "%", left: v < 0 ? (50 - w) + "%" : "50%" } });
+      const label = (S.layersById.get(u.layer) || {}).label || u.unit;
+      return el("tr", { cls: u.layer ? "clickable" : "no-layer", data: { unit: u.unit, layer: u.layer || "", delta: String(v) },
+        title: u.unit + " (" + u.kind + ", " + u.sites + " quantizers; " + (u.restart || "") + "): IoU " + fmt(u.iou, 5) +
+          ", baseline " + fmt(u.baseline_iou, 5) + ", ΔIoU " + signed(v) + (u.chosen_changed ? "; the chosen mask changed" : "") }, [
+        el("td", { cls: "text", text: label }),
+        el("td", { cls: "attr-track" }, [el("div", { cls: "attr-axis" }), bar]),
+        el("td", { cls: "attr-value", text: signed(v) })]);
+    });
+    box.appendChild(el("table", { id: "attribution-table" }, [
+      el("thead", {}, [el("tr", {}, [el("th", { cls: "text", text: "layer (unit)" }),
+        el("th", { text: "ΔIoU, bars to ±" + fmt(bound || 0, 3) }), el("th", { text: "ΔIoU (causal)" })])]),
+      el("tbody", {}, rows)]));
+    markAttribution();
+  }
+
+  function markAttribution() {
+    for (const tr of document.querySelectorAll("#attribution tr[data-unit]")) {
+      tr.classList.toggle("selected", !!tr.dataset.layer && tr.dataset.layer === S.sel.layer);
+    }
   }
 
   function markRanking() {
@@ -531,7 +608,7 @@
     S.sel.head = head === undefined ? S.sel.head : head;
     if (S.sel.head !== null && S.sel.head >= layer.heads) S.sel.head = null;
     fillHeads(layer);
-    markHeatmap(); markRanking();
+    markHeatmap(); markRanking(); markAttribution();
     message("");
     let data = null;
     if (layer.file) {
