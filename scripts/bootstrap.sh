@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $($PY --version)" >&2
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, sam2, sam2_layerwise, av, pytest, matplotlib, pandas, pyarrow, ray, starlette, uvicorn, playwright, httpx" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, torchvision, sam2, sam2_layerwise, av, pytest, matplotlib, pandas, pyarrow, ray, starlette, uvicorn, playwright, httpx, ninja" >/dev/null 2>&1; then
   echo "bootstrap: installing $TORCH, $SAM2 and sam2-layerwise into .venv (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet $TORCH

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from sam2_layerwise.capture import native
+
 ProbsTransform = Callable[[torch.Tensor], torch.Tensor] | None
 
 STAT_NAMES = ("entropy", "entropy_norm", "max_prob", "topk_mass")
@@ -136,6 +138,13 @@ def _covering(segments: list[tuple[int, int]], nk: int) -> bool:
     return segments[0][0] == 0 and segments[-1][1] == nk and all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
 
 
+def _disjoint(segments: list[tuple[int, int]] | None, nk: int) -> bool:
+    """No segments, or sorted, disjoint key ranges inside [0, nk) (what the compiled kernel takes)."""
+    if not segments:
+        return True
+    return all(0 <= a <= b <= nk for a, b in segments) and all(x[1] <= y[0] for x, y in zip(segments, segments[1:]))
+
+
 def _segment_mass_fused(q, k, scale, segments) -> torch.Tensor:
     """softmax(q kᵀ·scale) summed per key segment for every query, by torch's own fused attention kernel with an
     indicator matrix as the values (padded to the head dim, so the fused CPU/GPU kernels take it: no score
@@ -170,8 +179,20 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
         return {"segment_mass": _segment_mass_fused(q, k, scale, segments)}
     kk = min(topk, nk)
     B = G * h
-    tiles = _stat_tiles(B, nq, nk, chunk_elements)
     log_nk = math.log(nk) if nk > 1 else 1.0
+    if transform is None and q.device.type == "cpu" and _disjoint(segments, nk) and native.kernel() is not None:
+        with torch.autocast("cpu", enabled=False):
+            found, seg = native.query_stats(_fp32(q).reshape(B, nq, d), _fp32(k).reshape(B, nk, d), scale, kk,
+                                            segments, stats)
+        out = {}
+        if found is not None:
+            ent, mx, top = found
+            out = {"entropy": ent, "entropy_norm": ent / log_nk, "max_prob": mx, "topk_mass": top}
+            out = {name: t.view(G, h, nq) for name, t in out.items()}
+        if seg is not None:
+            out["segment_mass"] = seg.view(G, h, nq, len(segments))
+        return out
+    tiles = _stat_tiles(B, nq, nk, chunk_elements)
     want = stats
     stats = {name: torch.empty((B, nq), dtype=torch.float32, device=q.device) for name in (STAT_NAMES if want else ())}
     seg = torch.empty((B, nq, len(segments)), dtype=torch.float32, device=q.device) if segments else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 
+from sam2_layerwise.capture import native
 from sam2_layerwise.capture.records import AttentionRecord, BlockRecord
 
 SCHEMA = "sam2-layerwise/summary"
@@ -71,7 +72,7 @@ def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, p
     return _clean({
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "sam2-layerwise", "version": tool_version},
+        "tool": {"name": "sam2-layerwise", "version": tool_version, "statistics_kernel": native.used()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "model": model,

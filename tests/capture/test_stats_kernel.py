@@ -1,0 +1,154 @@
+"""All-query statistics: the compiled kernel and the torch fallback, against each other and a float64 reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sam2_layerwise import CaptureOptions, capture_image, parse_prompts, run_plain
+from sam2_layerwise.capture import native
+from sam2_layerwise.capture.attention import query_statistics
+from tests.conftest import CHELSEA, REPO, TINY_CONFIG
+
+STATS = ("entropy", "entropy_norm", "max_prob", "topk_mass")
+PATHS = ("compiled", "torch")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv(native.MODE_ENV, request.param)
+    if request.param == "compiled":
+        try:
+            native.kernel()
+        except native.KernelUnavailable as exc:
+            pytest.skip(f"no compiler here: {exc}")  # the fallback path is still tested
+    return request.param
+
+
+def reference(q, k, scale, topk=5, segments=None):
+    """float64 statistics from full maps (small shapes only)."""
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)
+    ent = -torch.special.xlogy(p, p).sum(-1)
+    nk = p.shape[-1]
+    kk = min(topk, nk)
+    out = {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0), "max_prob": p.amax(-1),
+           "topk_mass": p.topk(kk, -1).values.sum(-1) if kk else torch.zeros_like(ent)}
+    if segments:
+        out["segment_mass"] = torch.stack([p[..., a:b].sum(-1) for a, b in segments], -1)
+    return out
+
+
+def assert_close(got, want, tol=1e-5):
+    for name, value in want.items():
+        err = (got[name].double() - value).abs().max().item()
+        assert err <= tol, (name, err)
+
+
+@pytest.fixture(scope="module")
+def real_qk(tiny_model, chelsea):
+    """q/k of every attention the tiny model ran on a real photograph (windowed, pooled, global, decoder)."""
+    prompts = parse_prompts([220, 150, 1], None, None, chelsea.shape[1], chelsea.shape[0])
+    cap = capture_image(tiny_model, chelsea, prompts,
+                        CaptureOptions(keep_all_qkv=True, all_query_stats=False, max_attn_queries=1))
+    return [(r.layer_key, r.full_qkv["q"], r.full_qkv["k"], r.full_qkv["scale"]) for r in cap.attention]
+
+
+@pytest.mark.parametrize("sharpen", [1, 16, 64])
+def test_real_attention_within_1e5_of_float64(path, real_qk, sharpen):
+    """Every attention of a real capture, and the same attention sharpened (q x16, x64: near one-hot rows)."""
+    for key, q, k, scale in real_qk:
+        got = query_statistics(q * sharpen, k, scale)
+        want = reference(q * sharpen, k, scale)
+        for name in STATS:
+            err = (got[name].double() - want[name]).abs().max().item()
+            assert err <= 1e-5, (key, name, sharpen, err)
+
+
+@pytest.mark.parametrize("nk", [1, 3, 16, 64, 196, 300, 1031])
+@pytest.mark.parametrize("topk", [0, 1, 5, 40])
+def test_key_counts_and_topk(path, nk, topk):
+    """Key counts below, at and across the kernel's 16-key chunks and 256-key blocks; k above the key count."""
+    gen = torch.Generator().manual_seed(nk * 100 + topk)
+    q, k = torch.randn(2, 3, 20, 8, generator=gen), torch.randn(2, 3, nk, 8, generator=gen)
+    assert_close(query_statistics(q, k, 0.7, topk=topk), {n: v for n, v in reference(q, k, 0.7, topk).items()})
+
+
+def test_ties_and_uniform_rows(path):
+    """Equal scores everywhere: entropy log N, max 1/N, top-k mass k/N exactly as a float64 reference."""
+    q = torch.zeros(1, 2, 5, 4)
+    k = torch.randn(1, 2, 77, 4)
+    got = query_statistics(q, k, 1.0, topk=7)
+    torch.testing.assert_close(got["entropy_norm"], torch.ones(1, 2, 5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["max_prob"], torch.full((1, 2, 5), 1 / 77), atol=1e-7, rtol=0)
+    torch.testing.assert_close(got["topk_mass"], torch.full((1, 2, 5), 7 / 77), atol=1e-6, rtol=0)
+    # one key repeated: the top-k must count ties, not skip them
+    k2 = torch.randn(1, 2, 64, 4)
+    k2[..., 10:20, :] = k2[..., 3:4, :]
+    q2 = torch.randn(1, 2, 6, 4)
+    assert_close(query_statistics(q2, k2, 2.0, topk=12), reference(q2, k2, 2.0, 12))
+
+
+@pytest.mark.parametrize("segments", [[(0, 40), (40, 100), (100, 103)], [(5, 40), (60, 100)], [(0, 103)]])
+def test_segment_mass(path, segments):
+    """Memory cross-attention's mass per key segment, covering the keys or with gaps, with and without the rest."""
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 2, 30, 16, generator=gen) * 3, torch.randn(2, 2, 103, 16, generator=gen)
+    want = reference(q, k, 0.25, segments=segments)
+    assert_close(query_statistics(q, k, 0.25, segments=segments), want)
+    only = query_statistics(q, k, 0.25, segments=segments, stats=False)
+    assert set(only) == {"segment_mass"}
+    assert_close(only, {"segment_mass": want["segment_mass"]})
+
+
+def test_paths_agree(monkeypatch, real_qk):
+    monkeypatch.setenv(native.MODE_ENV, "compiled")
+    try:
+        native.kernel()
+    except native.KernelUnavailable as exc:
+        pytest.skip(f"no compiler here: {exc}")
+    for key, q, k, scale in real_qk:
+        monkeypatch.setenv(native.MODE_ENV, "compiled")
+        a = query_statistics(q * 16, k, scale)
+        monkeypatch.setenv(native.MODE_ENV, "torch")
+        b = query_statistics(q * 16, k, scale)
+        for name in STATS:
+            assert (a[name] - b[name]).abs().max().item() <= 1e-5, (key, name)
+
+
+def test_masks_bit_identical_on_either_path(path, tiny_model, chelsea):
+    prompts = parse_prompts([220, 150, 1], None, None, chelsea.shape[1], chelsea.shape[0])
+    plain = run_plain(tiny_model, chelsea, prompts)
+    cap = capture_image(tiny_model, chelsea, prompts, CaptureOptions(max_attn_queries=2))
+    assert cap.attention[0].query_stats is not None
+    assert torch.equal(torch.as_tensor(cap.prediction.masks), torch.as_tensor(plain.masks))
+    assert torch.equal(torch.as_tensor(cap.prediction.low_res_logits), torch.as_tensor(plain.low_res_logits))
+    assert native.used() == path
+
+
+def test_no_compiler_falls_back_and_says_so(tmp_path, tiny_checkpoint):
+    """A machine without a compiler: the build fails, the log says the torch path is used, the run succeeds and
+    its summary records the path. With SAM2_LAYERWISE_STATS_KERNEL=compiled the same machine gets an error."""
+    env = {**os.environ, "SAM2_LAYERWISE_KERNEL_CACHE": str(tmp_path / "kernels"), "CXX": str(tmp_path / "no-c++"),
+           native.MODE_ENV: "auto"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sam2_layerwise.cli.main", "visualize", "--config", TINY_CONFIG, "--checkpoint",
+           str(tiny_checkpoint), "--image", str(CHELSEA), "--points", "220", "150", "1", "--output-dir", str(out),
+           "--layers", "image_encoder_trunk_blocks_0"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "using the torch path" in done.stderr
+    summary = json.loads((out / "layerwise_summary.json").read_text())
+    assert summary["tool"]["statistics_kernel"] == "torch"
+    assert summary["attention"]
+
+    code = ("import torch; from sam2_layerwise.capture.attention import query_statistics as s; "
+            "s(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 3, 4), 1.0)")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, native.MODE_ENV: "compiled"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "compiled statistics kernel is unavailable" in done.stderr
