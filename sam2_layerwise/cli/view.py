@@ -1,5 +1,6 @@
 """`sam2-layerwise view RUN_DIR`: serve a run's viewer page on a local server and answer clicks anywhere on the
-photograph (the attention of the token there, recomputed from the saved q/k; no model)."""
+photograph (the attention of the token there, recomputed from the saved q/k; no model). A sweep directory is
+served too: its page (heatmap over the items, the items where a head changed most) and its kept runs."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ EXAMPLES = """examples:
   # a visualize run written with --viewer, opened in the browser
   sam2-layerwise view sam2_logs/layerwise_debug --open
   # another analysis folder (generate --output NAME), a fixed port
-  sam2-layerwise view RUN --page analysis_decoder --port 8765"""
+  sam2-layerwise view RUN --page analysis_decoder --port 8765
+  # a sweep directory: its page, and each item's run when the sweep ran with --keep-runs
+  sam2-layerwise view sweeps/w8a8"""
 
 PAGES = {"compare": "analysis", "single": "viewer"}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a compare run (after generate) or a visualize run written "
-                                                      "with --viewer; its page folder works too")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a compare run (after generate), a visualize run written "
+                                                      "with --viewer (its page folder works too), or a sweep "
+                                                      "directory (sweep --output-dir)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=_port, default=0, help="port (default 0: a free one)")
@@ -72,6 +76,20 @@ def find_page(run_dir: str, page: str | None):
     return vrun, name
 
 
+def find_sweep(run_dir: str, page: str | None):
+    """The sweep directory RUN_DIR names (itself or its sweep/ folder), opened and checked; None when it is
+    not one."""
+    from sam2_layerwise.viewer.sweep_source import is_sweep_dir, open_sweep
+
+    p = Path(run_dir).expanduser()
+    if not (is_sweep_dir(p) or (p.name == "sweep" and is_sweep_dir(p.parent))):
+        return None
+    if page is not None:
+        raise InputError("does not apply to a sweep directory (its page is sweep/index.html)", flag="--page",
+                         value=page)
+    return open_sweep(p, flag="RUN_DIR")
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port); port 0 takes a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -95,23 +113,33 @@ def listen(host: str, port: int) -> socket.socket:
 def run(args) -> int:
     import uvicorn
 
-    from sam2_layerwise.viewer.server import build_app, hosts_for, is_loopback
+    from sam2_layerwise.viewer.server import build_app, build_sweep_app, hosts_for, is_loopback
 
     setup_logging(args.quiet)
-    vrun, page = find_page(args.run_dir, args.page)
+    sweep = find_sweep(args.run_dir, args.page)
+    if sweep is not None:
+        served, page_path, what = sweep.path, "sweep/index.html", (
+            f"sweep {sweep.path} ({len(sweep.tables().ok)} items measured)")
+    else:
+        vrun, page = find_page(args.run_dir, args.page)
+        served, page_path, what = vrun.run_dir, f"{page}/index.html", (
+            f"{vrun.kind} run {vrun.run_dir} ({vrun.mode or 'single model'})")
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     host_in_url = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
-    url = f"http://{host_in_url if args.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}/{page}/index.html"
+    url = f"http://{host_in_url if args.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}/{page_path}"
     if not is_loopback(args.host):
         sys.stderr.write(
             f"WARNING: serving on {args.host}:{port}, NOT only this machine: anyone who can reach this address can "
-            f"read every file of {vrun.run_dir} (tensors, predictions, the page). There is no password. Use the "
+            f"read every file of {served} (tensors, predictions, the page). There is no password. Use the "
             f"default --host 127.0.0.1 unless you mean it.\n")
-    app = build_app(vrun, page, allowed_hosts=hosts_for(args.host, port))
+    if sweep is not None:
+        app = build_sweep_app(sweep, allowed_hosts=hosts_for(args.host, port))
+    else:
+        app = build_app(vrun, page, allowed_hosts=hosts_for(args.host, port))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
-    print(f"sam2-layerwise view: {vrun.kind} run {vrun.run_dir} ({vrun.mode or 'single model'})", flush=True)
+    print(f"sam2-layerwise view: {what}", flush=True)
     print(f"viewer: {url}", flush=True)
     print("press Ctrl-C to stop", flush=True)
     if args.open:

@@ -22,6 +22,10 @@ RANK_COLUMNS = ("js_mean_mean", "js_mean_p95", "js_max_mean", "topk_overlap_mean
                 "k_rel_err_mean", "v_rel_err_mean", "out_rel_err_mean", "layer_spearman_js_iou_loss",
                 "layer_attribution_delta_iou_mean")
 TOP_ITEMS = 10  # items listed per head on the page
+# How a per-item head metric says "changed most": its highest values, its lowest, or its largest magnitude.
+CHANGE = {"js_mean": "highest", "js_p95": "highest", "js_max": "highest", "out_rel_err": "highest",
+          "q_rel_err": "highest", "k_rel_err": "highest", "v_rel_err": "highest", "entropy_norm_delta": "largest |value|",
+          "topk_overlap": "lowest", "q_mass_on_fp_topk": "lowest"}
 
 
 def spearman(x, y) -> tuple[float, int]:
@@ -133,19 +137,29 @@ def ranked_units(summary: pd.DataFrame) -> list[dict]:
     return [{"rank": i + 1, **{c: _py(v) for c, v in r.items()}} for i, (_, r) in enumerate(df.iterrows())]
 
 
-def top_items(heads: pd.DataFrame, items: pd.DataFrame, n: int = TOP_ITEMS) -> dict[str, list[dict]]:
-    """`layer_key#call#head` -> the n items where that head's mean JS was highest."""
+def top_items(heads: pd.DataFrame, items: pd.DataFrame, n: int = TOP_ITEMS,
+              metric: str = "js_mean") -> dict[str, list[dict]]:
+    """`layer_key#call#head` -> the n items where that head changed most by `metric` (per item, as in
+    heads.parquet; `CHANGE` says whether most is highest, lowest or largest in magnitude), most first, ties by
+    item; NaN left out. Each entry: item, image (file name), prompt, points, `value` (the metric), js_mean, iou
+    (the item's FP vs Q mask IoU), key."""
+    if metric not in CHANGE:
+        raise ValueError(f"no item ranking by {metric!r} (one of {', '.join(CHANGE)})")
     if heads.empty:
         return {}
     meta = items.set_index("item")
-    df = heads[HEAD_KEYS + ["item", "js_mean"]].dropna(subset=["js_mean"])
-    df = df.sort_values(["js_mean", "item"], ascending=[False, True], kind="stable").groupby(HEAD_KEYS).head(n)
+    df = heads[list(dict.fromkeys([*HEAD_KEYS, "item", "js_mean", metric]))]
+    value = df[metric].astype(float)
+    score = {"highest": value, "lowest": -value, "largest |value|": value.abs()}[CHANGE[metric]]
+    df = df.assign(value_=value, score_=score).dropna(subset=["score_"])
+    df = df.sort_values(["score_", "item"], ascending=[False, True], kind="stable").groupby(HEAD_KEYS).head(n)
     out: dict[str, list[dict]] = {}
     for r in df.itertuples(index=False):
         m = meta.loc[r.item]
         out.setdefault(f"{r.layer_key}#{r.call_index}#{r.head}", []).append(
             {"item": int(r.item), "image": str(m["image"]).rsplit("/", 1)[-1], "prompt": m["prompt"],
-             "points": m["points"], "js_mean": _py(r.js_mean), "iou": _py(m["iou"]), "key": m["key"]})
+             "points": m["points"], "value": _py(r.value_), "js_mean": _py(r.js_mean), "iou": _py(m["iou"]),
+             "key": m["key"]})
     return out
 
 
@@ -197,7 +211,6 @@ def aggregate(tables: dict[str, pd.DataFrame], write, *, rank: int = 20, runs: d
     write("ranking.txt", pd.DataFrame(ranking).to_csv(sep="\t", index=False, float_format="%.6g").encode())
     write("ranking.json", (json.dumps(ranking, indent=1) + "\n").encode())
     files["plots"] = _plots(hs, ls, at, write, len(ok))
-    top = top_items(heads, ok)
     summary = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "items": {"total": int(len(items)), "ok": int(len(ok)), "failed": int(len(items) - len(ok)),
@@ -219,7 +232,7 @@ def aggregate(tables: dict[str, pd.DataFrame], write, *, rank: int = 20, runs: d
     }
     from sam2_layerwise.sweep.page import sweep_page
 
-    write("index.html", sweep_page(hs, ls, at, top, summary, runs or {}).encode())
+    write("index.html", sweep_page(hs, ls, at, summary, heads=heads, items=ok, runs=runs or {}).encode())
     write("summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary
 

@@ -1,16 +1,34 @@
-"""`sweep/index.html`: one self-contained page (no network, no server) — the aggregated layer x head heatmap;
-clicking a head lists the items where it changed most; the layer table (Spearman, attribution)."""
+"""The sweep page: the aggregated layer x head heatmap; clicking a head lists the items where it changed most;
+the layers (Spearman's rho: correlational) and the attribution units (causal).
+
+One page, two ways to open it, one template and one script (`viewer/static/sweep.html`, `sweep.js`,
+`sweep.css`):
+- `sweep/index.html`, written by the aggregation: self-contained (script, styles and data inline), opens from
+  disk with no server; it holds the ten items per head and ranking metric that changed most;
+- `sam2-layerwise view OUT` (viewer/server.py): the same page, its script and styles served as files, its data
+  read from the sweep's tables by the server (checked, untrusted) and the items asked for per click, so any
+  number of items per head can be listed and each kept run (`--keep-runs`) opens in the viewer.
+"""
 
 from __future__ import annotations
 
-import html
 import json
 import math
+import re
+from importlib import resources
 
 import pandas as pd
 
-_METRICS = (("js_mean_mean", "mean JS (mean over items)"), ("js_mean_p95", "mean JS (p95 over items)"),
-            ("out_rel_err_mean", "attention output rel. error"), ("entropy_norm_delta_mean", "entropy change"))
+# Heatmap metrics: (column of sweep/heads.parquet, label, the per-item metric its items are ranked by).
+METRICS = (("js_mean_mean", "mean JS, mean over items (bits)", "js_mean"),
+           ("js_mean_p95", "mean JS, 95th percentile over items (bits)", "js_mean"),
+           ("js_max_mean", "max JS, mean over items (bits)", "js_max"),
+           ("out_rel_err_mean", "attention output relative error, mean over items", "out_rel_err"),
+           ("entropy_norm_delta_mean", "Δ normalised entropy (Q − FP), mean over items", "entropy_norm_delta"),
+           ("topk_overlap_mean", "top-k overlap, mean over items", "topk_overlap"))
+ITEM_LABELS = {"js_mean": "mean JS (bits)", "js_max": "max JS (bits)", "out_rel_err": "output rel. error",
+               "entropy_norm_delta": "Δ normalised entropy", "topk_overlap": "top-k overlap"}
+TEXT_LIMIT = 300  # characters of a name or path shown on the page
 
 
 def _num(v):
@@ -21,94 +39,86 @@ def _num(v):
     return f if math.isfinite(f) else None
 
 
-def sweep_page(hs: pd.DataFrame, ls: pd.DataFrame, at: pd.DataFrame, top: dict, summary: dict,
-               runs: dict[int, str]) -> str:
-    layers = [{"key": f"{r.layer_key}#{r.call_index}", "label": r.layer} for r in
-              hs[["layer_key", "call_index", "layer", "order"]].drop_duplicates().itertuples()]
+def _text(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)[:TEXT_LIMIT]
+
+
+def _row(r: dict) -> dict:
+    return {k: (_num(v) if isinstance(v, float) else _text(v) if isinstance(v, str) else v) for k, v in r.items()}
+
+
+def item_meta(items: pd.DataFrame, runs: dict[int, str]) -> dict[str, dict]:
+    """item -> what the item list shows: image file name, prompt, points, box, the item's FP vs Q mask IoU and
+    ground-truth IoUs, and its kept run's link (or None)."""
+    out = {}
+    for r in items.itertuples(index=False):
+        out[str(int(r.item))] = {"image": _text(str(r.image).rsplit("/", 1)[-1]), "prompt": _text(r.prompt),
+                                 "points": _text(r.points), "box": _text(r.box), "iou": _num(r.iou),
+                                 "gt_iou_fp": _num(r.gt_iou_fp), "gt_iou_q": _num(r.gt_iou_q),
+                                 "run": runs.get(int(r.item))}
+    return out
+
+
+def top_rows(top: dict[str, list[dict]]) -> dict[str, list[list]]:
+    """aggregate.top_items' entries -> [[item, value], ...] per head (the item's details are in item_meta)."""
+    return {k: [[e["item"], _num(e["value"])] for e in entries] for k, entries in top.items()}
+
+
+def page_data(hs: pd.DataFrame, ls: pd.DataFrame, at: pd.DataFrame, summary: dict, *, served: bool,
+              heads: pd.DataFrame | None = None, items: pd.DataFrame | None = None,
+              runs: dict[int, str] | None = None) -> dict:
+    """What the page draws, as plain JSON data. From disk (`served` False) it also holds the items of every
+    head (`heads`: heads.parquet of the ok items, `items`: those items); served, the page asks for them."""
+    from sam2_layerwise.sweep.aggregate import CHANGE, top_items
+
+    layers = [{"key": f"{r.layer_key}#{r.call_index}", "layer_key": _text(r.layer_key), "call": int(r.call_index),
+               "label": _text(r.layer)}
+              for r in hs[["layer_key", "call_index", "layer", "order"]].drop_duplicates().itertuples()]
+    metrics = [[m, label, item] for m, label, item in METRICS if m in hs and hs[m].notna().any()]
     cells = {m: {f"{r.layer_key}#{r.call_index}#{r.head}": _num(getattr(r, m)) for r in hs.itertuples()}
-             for m, _ in _METRICS if m in hs}
-    heads = int(hs["head"].max()) + 1 if len(hs) else 0
-    data = {"layers": layers, "heads": heads, "cells": cells, "metrics": [[m, t] for m, t in _METRICS if m in cells],
-            "top": top, "runs": {str(k): v for k, v in runs.items()},
-            "layer_rows": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
-                           for r in ls.to_dict("records")],
-            "units": [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()} for r in
-                      at.to_dict("records")] if not at.empty else []}
-    payload = json.dumps(data, default=lambda o: None).replace("</", "<\\/")
-    items = summary["items"]
-    head = (f"{items['ok']} items measured ({items['failed']} failed); mean IoU of FP and Q masks "
-            f"{'n/a' if items['iou_mean'] is None else format(items['iou_mean'], '.4f')}")
-    return _TEMPLATE.replace("@SUBTITLE@", html.escape(head)).replace("@DATA@", payload)
+             for m, _, _ in metrics}
+    n = summary["items"]
+    subtitle = (f"{n['ok']} items measured ({n['failed']} failed); mean IoU of FP and Q masks "
+                f"{'n/a' if n['iou_mean'] is None else format(n['iou_mean'], '.4f')}")
+    data = {"served": served, "subtitle": subtitle, "layers": layers,
+            "heads": int(hs["head"].max()) + 1 if len(hs) else 0, "cells": cells, "metrics": metrics,
+            "item_metrics": {m: {"label": ITEM_LABELS.get(m, m), "most": CHANGE[m]} for _, _, m in metrics},
+            "layer_rows": [_row(r) for r in ls.to_dict("records")],
+            "units": [_row(r) for r in at.to_dict("records")] if not at.empty else [],
+            "top": None, "items": {}}
+    if not served and heads is not None and items is not None:
+        data["top"] = {m: top_rows(top_items(heads, items, metric=m)) for m in dict.fromkeys(x[2] for x in metrics)}
+        data["items"] = item_meta(items, {i: f"../{run}/" for i, run in (runs or {}).items()})
+    return data
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sam2-layerwise sweep</title>
-<style>
-body{font:13px system-ui,sans-serif;margin:16px;color:#222}
-h1{font-size:18px;margin:0 0 4px} .sub{color:#555;margin-bottom:12px}
-#wrap{display:flex;gap:18px;align-items:flex-start}
-table.grid{border-collapse:collapse} table.grid td{width:22px;height:16px;border:1px solid #fff;cursor:pointer}
-table.grid td.lab{width:auto;cursor:default;text-align:right;padding-right:6px;white-space:nowrap;font-size:11px}
-table.grid td.na{background:#ddd} table.grid td.sel{outline:2px solid #e00}
-#side{min-width:360px} table.list{border-collapse:collapse;font-size:12px}
-table.list td,table.list th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left}
-#legend{font-size:11px;color:#555;margin:6px 0}
-</style></head><body>
-<h1>Float vs quantized over a dataset</h1><div class="sub">@SUBTITLE@</div>
-<label>metric <select id="metric"></select></label>
-<div id="legend"></div>
-<div id="wrap"><div><table class="grid" id="grid"></table></div>
-<div id="side"><b id="title">click a head</b><table class="list" id="items"></table></div></div>
-<h2 style="font-size:15px">Layers</h2><table class="list" id="layers"></table>
-<h2 style="font-size:15px" id="uhead"></h2><table class="list" id="units"></table>
-<script id="data" type="application/json">@DATA@</script>
-<script>
-const D = JSON.parse(document.getElementById('data').textContent);
-const sel = document.getElementById('metric');
-for (const [m, t] of D.metrics) { const o = document.createElement('option'); o.value = m; o.textContent = t; sel.appendChild(o); }
-function colour(t) {  // viridis, 5 stops
-  const s = [[68,1,84],[59,82,139],[33,145,140],[94,201,98],[253,231,37]];
-  t = Math.max(0, Math.min(1, t)) * 4; const i = Math.min(3, Math.floor(t)), f = t - i;
-  const c = s[i].map((v, k) => Math.round(v + f * (s[i + 1][k] - v))); return `rgb(${c})`;
-}
-const fmt = v => v === null || v === undefined ? 'n/a' : Number.isInteger(v) ? String(v) :
-  (Math.abs(v) < 1e-3 ? v.toExponential(2) : v.toFixed(4));
-function draw() {
-  const cells = D.cells[sel.value] || {}; const vals = Object.values(cells).filter(v => v !== null);
-  const lo = Math.min(...vals, 0), hi = Math.max(...vals, 1e-12);
-  document.getElementById('legend').textContent = `colour: ${fmt(lo)} (dark) to ${fmt(hi)} (yellow); grey: undefined; blank: no such head`;
-  const g = document.getElementById('grid'); g.innerHTML = '';
-  const hr = g.insertRow(); hr.insertCell().className = 'lab';
-  for (let h = 0; h < D.heads; h++) { const c = hr.insertCell(); c.textContent = h; c.className = 'lab'; c.style.textAlign = 'center'; }
-  for (const L of D.layers) {
-    const r = g.insertRow(); const l = r.insertCell(); l.className = 'lab'; l.textContent = L.label;
-    for (let h = 0; h < D.heads; h++) {
-      const k = `${L.key}#${h}`; const c = r.insertCell();
-      if (!(k in cells)) { c.style.cursor = 'default'; continue; }
-      const v = cells[k]; if (v === null) c.className = 'na'; else c.style.background = colour((v - lo) / (hi - lo));
-      c.title = `${L.label} head ${h}: ${fmt(v)}`; c.onclick = () => show(k, L.label, h, c);
-    }
-  }
-}
-function show(k, label, h, cell) {
-  document.querySelectorAll('td.sel').forEach(e => e.classList.remove('sel')); cell.classList.add('sel');
-  document.getElementById('title').textContent = `${label} head ${h}: items where it changed most`;
-  const t = document.getElementById('items'); t.innerHTML = '<tr><th>item</th><th>image</th><th>prompt</th><th>mean JS</th><th>mask IoU FP/Q</th></tr>';
-  for (const it of (D.top[k] || [])) {
-    const r = t.insertRow(); const run = D.runs[it.item];
-    r.insertCell().innerHTML = run ? `<a href="../${run}/">${it.item}</a>` : it.item;
-    r.insertCell().textContent = it.image; r.insertCell().textContent = `${it.prompt} (${it.points})`;
-    r.insertCell().textContent = fmt(it.js_mean); r.insertCell().textContent = fmt(it.iou);
-  }
-}
-function table(id, rows, cols) {
-  const t = document.getElementById(id); if (!rows.length) return;
-  t.insertRow().innerHTML = cols.map(c => `<th>${c}</th>`).join('');
-  for (const r of rows) { const tr = t.insertRow(); for (const c of cols) tr.insertCell().textContent = typeof r[c] === 'number' ? fmt(r[c]) : (r[c] ?? 'n/a'); }
-}
-table('layers', D.layer_rows, ['layer', 'n_items', 'js_mean', 'js_p95', 'spearman_js_iou_loss', 'attribution_delta_iou_mean']);
-if (D.units.length) { document.getElementById('uhead').textContent = `Attribution (${D.units[0].mode})`;
-  table('units', D.units, ['unit', 'kind', 'sites', 'n_items', 'delta_iou_mean', 'delta_iou_min', 'delta_iou_max', 'chosen_changed_rate']); }
-sel.onchange = draw; draw();
-</script></body></html>
-"""
+def _static(name: str) -> str:
+    return (resources.files("sam2_layerwise.viewer") / "static" / name).read_text(encoding="utf-8")
+
+
+def json_for_html(data) -> str:
+    """JSON that stays inert inside a <script type="application/json"> element: every '<' escaped."""
+    return json.dumps(data, default=lambda o: None, allow_nan=False).replace("<", "\\u003c")
+
+
+def render(data, *, inline: bool) -> str:
+    """The page: everything inline (opens from disk), or script and styles from the server's /static/ and the
+    data fetched (`data` None)."""
+    if inline:
+        script = _static("sweep.js")
+        assert not any(t in script.lower() for t in ("</script", "<script", "<!--"))  # inert as inline text
+        style = f"<style>\n{_static('viewer.css')}\n{_static('sweep.css')}</style>"
+        script = f"<script>\n{script}</script>"
+    else:
+        style = ('<link rel="stylesheet" href="/static/viewer.css">\n'
+                 '<link rel="stylesheet" href="/static/sweep.css">')
+        script = '<script src="/static/sweep.js" defer></script>'
+    parts = {"@STYLE@": style, "@DATA@": json_for_html(data), "@SCRIPT@": script}
+    return re.sub("|".join(parts), lambda m: parts[m.group(0)], _static("sweep.html"))  # one pass: data stays data
+
+
+def sweep_page(hs: pd.DataFrame, ls: pd.DataFrame, at: pd.DataFrame, summary: dict, *, heads: pd.DataFrame,
+               items: pd.DataFrame, runs: dict[int, str]) -> str:
+    """`sweep/index.html`: the page with its data inline (`runs`: item -> its kept run, relative to the sweep
+    directory)."""
+    return render(page_data(hs, ls, at, summary, served=False, heads=heads, items=items, runs=runs), inline=True)

@@ -4,8 +4,11 @@
 - `export`: precomputes the page's data from a run (maps placed by the renderer's own code, never the model);
 - `source`: opens a compare or single run for the viewer (checked, untrusted input);
 - `recompute`: a click -> the query token under it (geometry/) -> both models' rows from the saved q/k;
-- `server`: the Starlette app (files of the run directory only, JSON endpoints with checked parameters);
-- `static/`: index.html, viewer.js, viewer.css (plain, no build step, no network).
+- `server`: the Starlette app (files of the run directory only, JSON endpoints with checked parameters), and
+  the app of a sweep directory (its page, each kept run's viewer under /runs/<name>/);
+- `sweep_source`: opens a sweep directory for the server (manifest and Parquet tables checked, untrusted);
+- `static/`: index.html, viewer.js, viewer.css; sweep.html, sweep.js, sweep.css for the sweep page (plain, no
+  build step, no network).
 """
 
 from sam2_layerwise.viewer.export import write_capture_viewer, write_compare_viewer

@@ -473,6 +473,34 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
 write_viewer = write_compare_viewer  # generate's entry point, by its general name
 
 
+class _Scratch:
+    """A writer into a scratch folder (the `path(rel)` that ViewerWriter needs)."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if not p.is_relative_to(self.root) or p == self.root:
+            raise ValueError(f"refusing to write outside the scratch folder: {rel}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def compare_viewer_in_memory(run, out: str = "analysis") -> dict[str, bytes]:
+    """generate's viewer page of a compare run (`run`: the CompareRun), made in a scratch folder and returned as
+    run-relative path -> bytes; nothing is written to the run. `view` shows a sweep's kept run (`--keep-runs`),
+    which generate has not seen, this way."""
+    import tempfile
+
+    from sam2_layerwise.analysis.generate import GenerateOptions, analyse
+
+    with tempfile.TemporaryDirectory(prefix="sam2lw-view-") as tmp:
+        scratch = _Scratch(Path(tmp))
+        files = write_compare_viewer(run, analyse(run, GenerateOptions(output=out)), scratch, out)
+        return {rel: scratch.path(rel).read_bytes() for rel in files}
+
+
 def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
     """Full mode saves q/k/v once, in `__full.pt`: hand a decoder image->token call's q/k to its views, so the
     renderer can draw which image tokens attend to each decoder token (`to_<role>` maps)."""

@@ -92,4 +92,4 @@ def open_viewer_run(run_dir: str | Path, flag: str = "RUN_DIR") -> ViewerRun:
         half = Half("fp", SIDE_TITLES["model"], p, saved, _entries(saved.summary))
         return ViewerRun(p, "single", None, [half], saved.frame, saved.prompts)
     raise InputError(f"is neither a compare run ({layout.COMPARE_RUN.marker}) nor a visualize run "
-                     f"({layout.SUMMARY})", flag=flag, value=str(run_dir))
+                     f"({layout.SUMMARY}) nor a sweep ({layout.KINDS['sweep'].marker})", flag=flag, value=str(run_dir))

@@ -71,15 +71,20 @@ class Served:
     def __init__(self, run_dir: Path, page: str | None = None, host: str = "127.0.0.1"):
         import uvicorn
 
-        from sam2_layerwise.cli.view import find_page, listen
-        from sam2_layerwise.viewer.server import build_app, hosts_for
+        from sam2_layerwise.cli.view import find_page, find_sweep, listen
+        from sam2_layerwise.viewer.server import build_app, build_sweep_app, hosts_for
 
-        vrun, self.page = find_page(str(run_dir), page)
+        sweep = find_sweep(str(run_dir), page)  # a sweep directory, or None
+        if sweep is None:
+            vrun, self.page = find_page(str(run_dir), page)
+        else:
+            self.page = "sweep"
         self.sock = listen(host, 0)
         self.port = self.sock.getsockname()[1]
         self.base = f"http://{host}:{self.port}"
         self.url = f"{self.base}/{self.page}/index.html"
-        app = build_app(vrun, self.page, allowed_hosts=hosts_for(host, self.port))
+        app = build_app(vrun, self.page, allowed_hosts=hosts_for(host, self.port)) if sweep is None else \
+            build_sweep_app(sweep, allowed_hosts=hosts_for(host, self.port))
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()

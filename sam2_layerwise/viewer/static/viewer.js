@@ -40,6 +40,10 @@
     return promise;
   }
 
+  // The server's endpoints, relative to the page (RUN/<page>/index.html -> RUN/api/): the same page works at the
+  // server's root and for a sweep's kept run served under /runs/<name>/.
+  const API = "../api/";
+
   // -- small helpers ------------------------------------------------------------------------------------------
   const $ = (id) => document.getElementById(id);
 
@@ -144,7 +148,7 @@
     S.units = new Map(((index.attribution || {}).units || []).map((u) => [u.unit, u]));
     if (location.protocol === "http:" || location.protocol === "https:") {
       try {
-        const r = await fetch("/api/info", { cache: "no-store" });
+        const r = await fetch(API + "info", { cache: "no-store" });
         if (r.ok) S.server = !!(await r.json()).server;
       } catch (e) { S.server = false; }
     }
@@ -624,7 +628,7 @@
     }
     S.layerData = data;
     if (S.server && layer.click && layer.click.mode !== "tokens" && layer.click.mode !== "none") {
-      fetch("/api/prepare?layer=" + encodeURIComponent(layer.key) + "&call=" + layer.call, { cache: "no-store" }).catch(() => {});
+      fetch(API + "prepare?layer=" + encodeURIComponent(layer.key) + "&call=" + layer.call, { cache: "no-store" }).catch(() => {});
     }
     const labels = data ? data.maps.map((m) => m.label) : [];
     const keep = query && (labels.includes(query) || query === "@click") ? query : S.sel.query;
@@ -973,7 +977,7 @@
     status("computing the attention at (" + Math.round(x) + ", " + Math.round(y) + ") ...");
     let answer;
     try {
-      const r = await fetch("/api/query?layer=" + encodeURIComponent(layer.key) + "&call=" + layer.call + "&x=" + x.toFixed(3) + "&y=" + y.toFixed(3), { cache: "no-store" });
+      const r = await fetch(API + "query?layer=" + encodeURIComponent(layer.key) + "&call=" + layer.call + "&x=" + x.toFixed(3) + "&y=" + y.toFixed(3), { cache: "no-store" });
       answer = await r.json();
       if (!r.ok) answer = { ok: false, message: answer.error || ("HTTP " + r.status) };
     } catch (e) {
