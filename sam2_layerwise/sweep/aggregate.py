@@ -24,8 +24,8 @@ RANK_COLUMNS = ("js_mean_mean", "js_mean_p95", "js_max_mean", "topk_overlap_mean
 TOP_ITEMS = 10  # items listed per head on the page
 # How a per-item head metric says "changed most": its highest values, its lowest, or its largest magnitude.
 CHANGE = {"js_mean": "highest", "js_p95": "highest", "js_max": "highest", "out_rel_err": "highest",
-          "q_rel_err": "highest", "k_rel_err": "highest", "v_rel_err": "highest", "entropy_norm_delta": "largest |value|",
-          "topk_overlap": "lowest", "q_mass_on_fp_topk": "lowest"}
+          "q_rel_err": "highest", "k_rel_err": "highest", "v_rel_err": "highest",
+          "entropy_norm_delta": "largest |value|", "topk_overlap": "lowest", "q_mass_on_fp_topk": "lowest"}
 
 
 def spearman(x, y) -> tuple[float, int]:

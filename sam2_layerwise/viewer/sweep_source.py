@@ -33,7 +33,7 @@ MAX_ROWS = {"items": 1_000_000, "heads": 50_000_000, "attribution": 20_000_000}
 MAX_RUNS = 100_000  # entries of runs/ looked at
 MAX_HEAD, MAX_CALL = 4096, 1_000_000
 NAME = re.compile(r"^[A-Za-z0-9_.]{1,200}$")  # layer keys and unit names: module names with dots as underscores
-RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,79}-([0-9a-f]{12})$")  # sweep.inputs.Item.name
+RUN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}-([0-9a-f]{12})$")  # sweep.inputs.Item.name (no leading dot)
 KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
