@@ -64,6 +64,7 @@ class SweepSource:
         self.flag = flag
         self._tables: Tables | None = None
         self._runs: tuple[tuple, dict[str, str]] | None = None
+        self._page: tuple[Tables, dict] | None = None  # page_data of one reading of the tables
         self._lock = threading.Lock()
 
     # -- tables --------------------------------------------------------------------------------------------
@@ -135,6 +136,9 @@ class SweepSource:
         from sam2_layerwise.sweep.page import page_data
 
         t = self.tables()
+        cached = self._page
+        if cached is not None and cached[0] is t:
+            return cached[1]
         hs = heads_summary(t.heads)
         ls = layers_summary(t.heads, t.ok, t.attribution)
         at = attribution_summary(t.attribution)
@@ -143,6 +147,7 @@ class SweepSource:
                              else None}}
         data = page_data(hs, ls, at, summary, served=True)
         data["sweep"] = {"path": str(self.path), "status": str(self.manifest.get("status"))[:40]}
+        self._page = (t, data)
         return data
 
     def top(self, layer: str, call: int, head: int, metric: str, n: int) -> dict:

@@ -271,3 +271,28 @@ def test_view_sweep_flags(kept_sweep, capsys):
     from sam2_layerwise.cli.view import find_sweep
 
     assert find_sweep(str(kept_sweep / "sweep"), None).path == kept_sweep  # its sweep/ folder names it too
+
+
+def test_view_command_serves_a_sweep(kept_sweep):
+    """The command itself, in a subprocess: the sweep page's URL printed, served, stopped by SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "sam2_layerwise.cli.main", "view", str(kept_sweep)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"sam2-layerwise view: sweep {kept_sweep} (4 items measured)"), lines
+        url = re.search(r"viewer: (http://127\.0\.0\.1:\d+/sweep/index\.html)$", lines[1].strip()).group(1)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200 and b"/static/sweep.js" in r.read()
+        with urllib.request.urlopen(url.replace("/sweep/index.html", "/api/sweep"), timeout=30) as r:
+            data = json.loads(r.read())
+        assert data["served"] is True and len(data["units"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped" in out
