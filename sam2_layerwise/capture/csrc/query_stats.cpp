@@ -37,93 +37,178 @@ constexpr int64_t BLOCK = L * L;          // keys per block of 16 chunks
 #define HOT
 #endif
 
-// exp(x) for x <= 0 without a libm call, so it vectorises: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of
-// ln2), exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits. Below -87
-// the result is 0 (exp(-87) = 1.6e-38, under float's smallest normal).
-static inline float exp_nonpos(float x) {
-    const float xc = x < -87.0f ? -87.0f : x;
-    const float magic = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
-    float n = (xc * 1.44269504088896341f + magic) - magic;
-    float r = xc - n * 0.693359375f;
+typedef float vf __attribute__((vector_size(4 * L)));    // 16 floats: one zmm, two ymm or four xmm
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+
+#define INLINE inline __attribute__((always_inline))
+
+static INLINE vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static INLINE vf splat(float x) {
+    return vf{} + x;
+}
+
+// exp(x) for x <= 0 without a libm call, 16 at a time: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2),
+// exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits. Below -87 the result
+// is 0 (exp(-87) = 1.6e-38, under float's smallest normal).
+static INLINE vf exp_nonpos(vf x) {
+    const vf lo = splat(-87.0f);
+    const vf xc = x < lo ? lo : x;
+    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float pow2;
-    std::memcpy(&pow2, &bits, sizeof pow2);
-    return x < -87.0f ? 0.0f : y * pow2;
+    const vf y = p * r * r + r + 1.0f;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    const vf pow2 = reinterpret_cast<const vf&>(bits);
+    return x < lo ? vf{} : y * pow2;
 }
 
-// Pass 1 over one row padded to `ld` (a multiple of L, padding = -inf): the row max and the chunk maxima
-// cm[blocks * L], chunk c = keys (c / L) * BLOCK + j * L + c % L.
-HOT static float chunk_maxima(const float* s, int64_t ld, float* cm) {
-    float rowmax[L];
-    for (int64_t l = 0; l < L; ++l) rowmax[l] = -std::numeric_limits<float>::infinity();
+static INLINE float exp_nonpos1(float x) {
+    return exp_nonpos(splat(x))[0];
+}
+
+struct RowOut {
+    double z, w;  // sum e, sum e t
+};
+
+struct Sums {  // pass 2's running sums: e = exp(t), t = scale * (s - m)
+    vf mv;
+    float m, scale;
+    vf zv{}, wv{};
+    double zt = 0.0, wt = 0.0;
+};
+
+// Keys [a, b) of a row: adds sum e and sum e t to `acc`, returns sum e over the range.
+static INLINE double sum_range(Sums& acc, const float* s, int64_t a, int64_t b) {
+    vf part{};
+    int64_t i = a;
+    for (; i + L <= b; i += L) {
+        const vf t = (load(s + i) - acc.mv) * acc.scale;
+        const vf e = exp_nonpos(t);
+        part += e;
+        acc.wv += e * t;
+    }
+    double sum = 0.0;
+    for (int64_t l = 0; l < L; ++l) sum += part[l];
+    acc.zv += part;
+    for (; i < b; ++i) {
+        const float t = (s[i] - acc.m) * acc.scale;
+        const float e = exp_nonpos1(t);
+        sum += e;
+        acc.zt += e;
+        acc.wt += static_cast<double>(e) * t;
+    }
+    return sum;
+}
+
+// Passes 1 and 2 over one row padded to `ld` (a multiple of L, padding -inf): the row max, the chunk maxima
+// cm[blocks * L] (chunk c = keys (c / L) * BLOCK + j * L + c % L), then z and w over keys [0, nk) and the sums of e
+// over each key segment (seg_sum[n], when nseg).
+HOT static float row_sums(const float* s, int64_t ld, int64_t nk, float scale, float* cm, const int64_t* seg,
+                          int64_t nseg, double* seg_sum, RowOut* out) {
+    vf rowmax = splat(-std::numeric_limits<float>::infinity());
     for (int64_t b0 = 0; b0 < ld; b0 += BLOCK) {
         const int64_t rows = std::min<int64_t>(L, (ld - b0) / L);
-        float acc[L];
-        for (int64_t l = 0; l < L; ++l) acc[l] = s[b0 + l];
+        vf acc = load(s + b0);
         for (int64_t j = 1; j < rows; ++j) {
-            const float* v = s + b0 + j * L;
-            for (int64_t l = 0; l < L; ++l) acc[l] = acc[l] < v[l] ? v[l] : acc[l];
+            const vf v = load(s + b0 + j * L);
+            acc = acc < v ? v : acc;
         }
-        for (int64_t l = 0; l < L; ++l) cm[b0 / L + l] = acc[l];  // chunk (block, lane); a short block's lanes
-                                                                     // hold fewer keys
-        for (int64_t l = 0; l < L; ++l) rowmax[l] = rowmax[l] < acc[l] ? acc[l] : rowmax[l];
+        std::memcpy(cm + b0 / L, &acc, sizeof acc);
+        rowmax = rowmax < acc ? acc : rowmax;
     }
     float m = rowmax[0];
     for (int64_t l = 1; l < L; ++l) m = m < rowmax[l] ? rowmax[l] : m;
+
+    Sums acc{splat(m), m, scale};
+    if (nseg) {
+        int64_t at = 0;
+        for (int64_t n = 0; n < nseg; ++n) {
+            if (seg[2 * n] > at) sum_range(acc, s, at, seg[2 * n]);
+            seg_sum[n] = sum_range(acc, s, seg[2 * n], seg[2 * n + 1]);
+            at = seg[2 * n + 1];
+        }
+        if (at < nk) sum_range(acc, s, at, nk);
+    } else {
+        sum_range(acc, s, 0, nk);
+    }
+    double zt = acc.zt, wt = acc.wt;
+    for (int64_t l = 0; l < L; ++l) {
+        zt += acc.zv[l];
+        wt += acc.wv[l];
+    }
+    out->z = zt;
+    out->w = wt;
     return m;
 }
 
-// Pass 2 over keys [a, b): adds sum e and sum e t to z and w; returns sum e over the range.
-HOT static double exp_sums(const float* s, int64_t a, int64_t b, float m, float scale, double* z, double* w) {
-    float zl[L] = {0}, wl[L] = {0};
-    int64_t i = a;
-    for (; i + L <= b; i += L) {
-        const float* v = s + i;
-        for (int64_t l = 0; l < L; ++l) {
-            const float t = scale * (v[l] - m);
-            const float e = exp_nonpos(t);
-            zl[l] += e;
-            wl[l] += e * t;
-        }
+// Keeps the k largest values pushed in best[0..count), sorted descending.
+static INLINE void push(float* best, int64_t& count, int64_t k, float x) {
+    if (count == k && !(x > best[k - 1])) return;
+    int64_t i = count < k ? count++ : k - 1;
+    while (i > 0 && best[i - 1] < x) {
+        best[i] = best[i - 1];
+        --i;
     }
-    double zs = 0.0, ws = 0.0;
-    for (; i < b; ++i) {
-        const float t = scale * (s[i] - m);
-        const float e = exp_nonpos(t);
-        zs += e;
-        ws += static_cast<double>(e) * t;
-    }
-    for (int64_t l = 0; l < L; ++l) {
-        zs += zl[l];
-        ws += wl[l];
-    }
-    *z += zs;
-    *w += ws;
-    return zs;
+    best[i] = x;
 }
 
-// Keeps the k largest values seen, sorted descending in top[0..count).
-struct TopK {
-    float* top;
-    int64_t k, count = 0;
-    void push(float x) {
-        if (count == k && !(x > top[k - 1])) return;
-        int64_t i = count < k ? count++ : k - 1;
-        while (i > 0 && top[i - 1] < x) {
-            top[i] = top[i - 1];
-            --i;
-        }
-        top[i] = x;
+// The k-th largest of the 16 values at v (1 <= k <= 16): each lane is ranked against every other, with no
+// data-dependent branch; it is the smallest value with fewer than k larger ones.
+static INLINE float kth_of_block(const float* v, int64_t k) {
+    const vf x = load(v);
+    vi rank{};
+    for (int64_t j = 0; j < L; ++j) rank += (splat(v[j]) > x) ? vi{} + 1 : vi{};
+    const vf kept = rank < static_cast<int32_t>(k) ? x : splat(std::numeric_limits<float>::infinity());
+    float theta = kept[0];
+    for (int64_t l = 1; l < L; ++l) theta = kept[l] < theta ? kept[l] : theta;
+    return theta;
+}
+
+// Pass 3: the sum of exp(scale * (x - m)) over the k largest scores x of the row (1 <= k <= nk).
+// Any theta no larger than the k-th largest score lets only keys >= theta be ranked. A block's k-th largest chunk
+// maximum is one (the block holds k keys at least that large), so theta is the largest of those over the blocks
+// (k <= 16), or the k-th largest chunk maximum overall (16 < k <= chunks), or -inf. Chunks whose maximum is below
+// theta are skipped whole. `best` has room for k values.
+HOT static double row_topk(const float* s, int64_t ld, const float* cm, int64_t nchunks, int64_t k, float m,
+                           float scale, float* best) {
+    float theta = -std::numeric_limits<float>::infinity();
+    int64_t count = 0;
+    if (k <= L) {
+        for (int64_t c0 = 0; c0 < nchunks; c0 += L) theta = std::max(theta, kth_of_block(cm + c0, k));
+    } else if (k <= nchunks) {
+        for (int64_t c = 0; c < nchunks; ++c) push(best, count, k, cm[c]);
+        theta = best[k - 1];
+        count = 0;
     }
-};
+    for (int64_t c = 0; c < nchunks; ++c) {
+        if (cm[c] < theta) continue;
+        const int64_t b0 = (c / L) * BLOCK, lane = c % L, stop = std::min(ld, b0 + BLOCK);
+        for (int64_t key = b0 + lane; key < stop; key += L) {
+            const float x = s[key];
+            if (x >= theta && x > -std::numeric_limits<float>::infinity()) push(best, count, k, x);  // not padding
+        }
+    }
+    double top = 0.0;
+    for (int64_t n0 = 0; n0 < count; n0 += L) {  // exp of up to 16 at a time
+        float t[L];
+        for (int64_t l = 0; l < L; ++l) t[l] = n0 + l < count ? (best[n0 + l] - m) * scale : -100.0f;
+        const vf e = exp_nonpos(load(t));
+        for (int64_t l = 0; l < L; ++l) top += e[l];
+    }
+    return top;
+}
 
 struct Args {
     const float* q;      // [B, Nq, d] contiguous
@@ -140,67 +225,29 @@ struct Args {
 };
 
 // One tile: batch b, query rows [r0, r1). `scores` holds (r1 - r0) x ld floats; its padding is -inf.
-static void tile(const Args& a, int64_t b, int64_t r0, int64_t r1, float* scores, std::vector<float>& cm,
-                 std::vector<float>& topbuf, std::vector<int64_t>& chunks) {
-    const int64_t rows = r1 - r0;
+// One tile: batches [b0, b1) x query rows [r0, r1) (several batches only with all their rows). `scores` holds
+// (b1 - b0) * (r1 - r0) rows of ld floats; its padding is -inf.
+static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, float* scores, std::vector<float>& cm,
+                 std::vector<float>& topbuf, std::vector<double>& parts) {
+    const int64_t nb = b1 - b0, rows = r1 - r0;
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    auto qt = torch::from_blob(const_cast<float*>(a.q + (b * a.nq + r0) * a.d), {rows, a.d}, opts);
-    auto kt = torch::from_blob(const_cast<float*>(a.k + b * a.nk * a.d), {a.nk, a.d}, opts);
-    auto out = torch::from_blob(scores, {rows, a.nk}, {a.ld, 1}, opts);
-    at::mm_out(out, qt, kt.t());
-    for (int64_t r = 0; r < rows; ++r) {
+    auto qt = torch::from_blob(const_cast<float*>(a.q + (b0 * a.nq + r0) * a.d), {nb, rows, a.d},
+                               {a.nq * a.d, a.d, 1}, opts);
+    auto kt = torch::from_blob(const_cast<float*>(a.k + b0 * a.nk * a.d), {nb, a.nk, a.d}, opts);
+    auto out = torch::from_blob(scores, {nb, rows, a.nk}, {rows * a.ld, a.ld, 1}, opts);
+    at::bmm_out(out, qt, kt.transpose(1, 2));
+    const int64_t nchunks = (a.ld + BLOCK - 1) / BLOCK * L, kk = std::min(a.topk, a.nk);
+    for (int64_t r = 0; r < nb * rows; ++r) {
         const float* s = scores + r * a.ld;
-        const int64_t row = b * a.nq + r0 + r;
-        const float m = chunk_maxima(s, a.ld, cm.data());
-        double z = 0.0, w = 0.0;
-        if (a.nseg) {
-            float* sm = a.seg_mass + row * a.nseg;
-            int64_t at = 0;
-            std::vector<double> parts(a.nseg);
-            for (int64_t n = 0; n < a.nseg; ++n) {
-                const int64_t lo = a.seg[2 * n], hi = a.seg[2 * n + 1];
-                if (lo > at) exp_sums(s, at, lo, m, a.scale, &z, &w);
-                parts[n] = exp_sums(s, lo, hi, m, a.scale, &z, &w);
-                at = hi;
-            }
-            if (at < a.nk) exp_sums(s, at, a.nk, m, a.scale, &z, &w);
-            for (int64_t n = 0; n < a.nseg; ++n) sm[n] = static_cast<float>(parts[n] / z);
-        } else {
-            exp_sums(s, 0, a.nk, m, a.scale, &z, &w);
-        }
+        const int64_t row = (b0 + r / rows) * a.nq + r0 + r % rows;
+        RowOut sums;
+        const float m = row_sums(s, a.ld, a.nk, a.scale, cm.data(), a.seg, a.nseg, parts.data(), &sums);
+        for (int64_t n = 0; n < a.nseg; ++n) a.seg_mass[row * a.nseg + n] = static_cast<float>(parts[n] / sums.z);
         if (!a.stats) continue;
-        a.entropy[row] = static_cast<float>(std::log(z) - w / z);
-        a.max_prob[row] = static_cast<float>(1.0 / z);
-        if (a.topk <= 0) {
-            a.topk_mass[row] = 0.0f;
-            continue;
-        }
-        // the k chunks with the largest maxima (chunk c = block c / L, lane c % L)
-        const int64_t nchunks = (a.ld + BLOCK - 1) / BLOCK * L, kk = std::min(a.topk, a.nk);
-        TopK best{topbuf.data(), kk};
-        int64_t* ids = chunks.data();
-        int64_t nbest = 0;
-        for (int64_t c = 0; c < nchunks; ++c) {  // keeps ids sorted by their maxima, descending
-            const float x = cm[c];
-            if (nbest == kk && !(x > cm[ids[kk - 1]])) continue;
-            int64_t i = nbest < kk ? nbest++ : kk - 1;
-            while (i > 0 && cm[ids[i - 1]] < x) {
-                ids[i] = ids[i - 1];
-                --i;
-            }
-            ids[i] = c;
-        }
-        for (int64_t n = 0; n < nbest; ++n) {
-            const int64_t c = ids[n], b0 = (c / L) * BLOCK, lane = c % L;
-            for (int64_t j = 0; j < L; ++j) {
-                const int64_t key = b0 + j * L + lane;
-                if (key >= a.ld) break;
-                best.push(s[key]);  // padding is -inf and never outranks a real key
-            }
-        }
-        double top = 0.0;
-        for (int64_t n = 0; n < best.count; ++n) top += exp_nonpos(a.scale * (best.top[n] - m));
-        a.topk_mass[row] = static_cast<float>(top / z);
+        a.entropy[row] = static_cast<float>(std::log(sums.z) - sums.w / sums.z);
+        a.max_prob[row] = static_cast<float>(1.0 / sums.z);
+        a.topk_mass[row] = kk > 0 ? static_cast<float>(row_topk(s, a.ld, cm.data(), nchunks, kk, m, a.scale,
+                                                                 topbuf.data()) / sums.z) : 0.0f;
     }
 }
 
@@ -240,18 +287,28 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
            nseg ? seg.data_ptr<int64_t>() : nullptr, nseg, stats,
            stats ? ent.data_ptr<float>() : nullptr, stats ? mx.data_ptr<float>() : nullptr,
            stats ? top.data_ptr<float>() : nullptr, segm.data_ptr<float>()};
-    const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(nq, tile_elements / ld));
+    // tiles: whole batches while one holds at most tile_elements scores, else row ranges of one batch
+    const int64_t per_batch = nq * ld;
+    const int64_t batches_per_tile = per_batch <= tile_elements ? std::max<int64_t>(1, tile_elements / per_batch) : 1;
+    const int64_t rows_per_tile = per_batch <= tile_elements ? nq
+                                  : std::max<int64_t>(1, std::min<int64_t>(nq, tile_elements / ld));
     const int64_t tiles_per_batch = (nq + rows_per_tile - 1) / rows_per_tile;
+    const int64_t ntiles = batches_per_tile > 1 ? (B + batches_per_tile - 1) / batches_per_tile : B * tiles_per_batch;
     {
         pybind11::gil_scoped_release no_gil;
-        at::parallel_for(0, B * tiles_per_batch, 1, [&](int64_t begin, int64_t end) {
-            std::vector<float> scores(rows_per_tile * ld, -std::numeric_limits<float>::infinity());
+        at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+            std::vector<float> scores(batches_per_tile * rows_per_tile * ld, -std::numeric_limits<float>::infinity());
             std::vector<float> cm((ld + BLOCK - 1) / BLOCK * L);
-            std::vector<float> topbuf(std::max<int64_t>(1, std::min(topk, nk)));
-            std::vector<int64_t> chunks(std::max<int64_t>(1, std::min(topk, nk)));
+            std::vector<float> topbuf(std::max<int64_t>(1, std::min(topk, nk)) + L);
+            std::vector<double> parts(std::max<int64_t>(1, nseg));
             for (int64_t t = begin; t < end; ++t) {
-                const int64_t b = t / tiles_per_batch, r0 = (t % tiles_per_batch) * rows_per_tile;
-                tile(a, b, r0, std::min(nq, r0 + rows_per_tile), scores.data(), cm, topbuf, chunks);
+                if (batches_per_tile > 1) {
+                    const int64_t b0 = t * batches_per_tile;
+                    tile(a, b0, std::min(B, b0 + batches_per_tile), 0, nq, scores.data(), cm, topbuf, parts);
+                } else {
+                    const int64_t b = t / tiles_per_batch, r0 = (t % tiles_per_batch) * rows_per_tile;
+                    tile(a, b, b + 1, r0, std::min(nq, r0 + rows_per_tile), scores.data(), cm, topbuf, parts);
+                }
             }
         });
     }
