@@ -111,7 +111,10 @@ def main():
         shown = " ".join(f"{r:.2f}" for r in ratios)
         print(f"{mode:30s} {statistics.median(times[mode]):9.2f} {statistics.median(ratios):7.3f} {shown:>28s} "
               f"{peaks[mode]:13.0f} {peaks[mode] - peaks['plain']:10.0f}")
-    print("\ntargets: default capture <= 1.10 x plain; extra peak memory <= 300 MiB")
+    from sam2_layerwise.capture import native
+
+    print(f"\nall-query statistics path: {native.path_name()} ({native.MODE_ENV}={native.mode()})")
+    print("targets: default capture <= 1.20 x plain on b+ (<= 1.25 x on t); extra peak memory <= 300 MiB")
 
 
 if __name__ == "__main__":

@@ -152,3 +152,17 @@ def test_no_compiler_falls_back_and_says_so(tmp_path, tiny_checkpoint):
     done = subprocess.run([sys.executable, "-c", code], env={**env, native.MODE_ENV: "compiled"}, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "compiled statistics kernel is unavailable" in done.stderr
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 64, 64, 56), (1, 1_000_003)])
+def test_block_output_summaries(path, shape):
+    """tensor_stats (block outputs) in one read: mean/std/min/max against float64; NaN still shows as NaN."""
+    from sam2_layerwise.capture.records import tensor_stats
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    got, ref = tensor_stats(x), x.double()
+    assert got["min"] == ref.min().item() and got["max"] == ref.max().item()
+    assert abs(got["mean"] - ref.mean().item()) <= 1e-6 and abs(got["std"] - ref.std().item()) <= 1e-5 * 3
+    x.view(-1)[5] = float("nan")
+    bad = tensor_stats(x)
+    assert math.isnan(bad["mean"]) and math.isnan(bad["min"])

@@ -315,6 +315,75 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
     return {ent, mx, top, segm};
 }
 
+namespace {
+
+struct Moments {
+    vf lo, hi;
+    double sum = 0.0, squares = 0.0;
+};
+
+// min, max, sum and sum of squares of x[0..n) in one read (sums in float lanes per 4096 values, then double).
+HOT static Moments moments(const float* x, int64_t n) {
+    Moments m{splat(std::numeric_limits<float>::infinity()), splat(-std::numeric_limits<float>::infinity())};
+    constexpr int64_t SPAN = 4096;
+    for (int64_t a = 0; a < n; a += SPAN) {
+        const int64_t b = std::min(n, a + SPAN);
+        vf s{}, q{};
+        int64_t i = a;
+        for (; i + L <= b; i += L) {
+            const vf v = load(x + i);
+            m.lo = v < m.lo ? v : m.lo;
+            m.hi = v > m.hi ? v : m.hi;
+            s += v;
+            q += v * v;
+        }
+        for (int64_t l = 0; l < L; ++l) {
+            m.sum += s[l];
+            m.squares += q[l];
+        }
+        for (; i < b; ++i) {
+            m.lo[0] = std::min(m.lo[0], x[i]);
+            m.hi[0] = std::max(m.hi[0], x[i]);
+            m.sum += x[i];
+            m.squares += static_cast<double>(x[i]) * x[i];
+        }
+    }
+    return m;
+}
+
+}  // namespace
+
+// (min, max, sum, sum of squares) of a contiguous float32 CPU tensor, as float64, in one parallel read.
+// NaN propagates into the sums (min/max then ignore it, like a comparison does); callers check finiteness apart.
+torch::Tensor tensor_moments(torch::Tensor t) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous(),
+                "contiguous float32 CPU tensor only");
+    const float* x = t.data_ptr<float>();
+    const int64_t n = t.numel();
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n / (1 << 16)));
+    std::vector<Moments> found(parts);
+    {
+        pybind11::gil_scoped_release no_gil;
+        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+                const int64_t a = n * p / parts, b = n * (p + 1) / parts;
+                found[p] = moments(x + a, b - a);
+            }
+        });
+    }
+    double lo = std::numeric_limits<double>::infinity(), hi = -lo, sum = 0.0, squares = 0.0;
+    for (const auto& m : found) {
+        for (int64_t l = 0; l < L; ++l) {
+            lo = std::min<double>(lo, m.lo[l]);
+            hi = std::max<double>(hi, m.hi[l]);
+        }
+        sum += m.sum;
+        squares += m.squares;
+    }
+    return torch::tensor({lo, hi, sum, squares}, torch::TensorOptions().dtype(torch::kFloat64));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
     m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)");
 }
