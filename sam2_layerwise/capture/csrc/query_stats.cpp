@@ -112,12 +112,14 @@ static INLINE double sum_range(Sums& acc, const float* s, int64_t a, int64_t b) 
     return sum;
 }
 
-// Passes 1 and 2 over one row padded to `ld` (a multiple of L, padding -inf): the row max, the chunk maxima
-// cm[blocks * L] (chunk c = keys (c / L) * BLOCK + j * L + c % L), then z and w over keys [0, nk) and the sums of e
+// Passes 1 and 2 over one row padded to `ld` (a multiple of L, padding -inf): the row max and in `cm` the chunk
+// maxima [blocks * L] (chunk c = keys (c / L) * BLOCK + j * L + c % L), the lane maxima [L] (lane l = keys l mod L)
+// and the block maxima [blocks]; then z and w over keys [0, nk) and the sums of e
 // over each key segment (seg_sum[n], when nseg).
 HOT static float row_sums(const float* s, int64_t ld, int64_t nk, float scale, float* cm, const int64_t* seg,
                           int64_t nseg, double* seg_sum, RowOut* out) {
     vf rowmax = splat(-std::numeric_limits<float>::infinity());
+    const int64_t nchunks = (ld + BLOCK - 1) / BLOCK * L;
     for (int64_t b0 = 0; b0 < ld; b0 += BLOCK) {
         const int64_t rows = std::min<int64_t>(L, (ld - b0) / L);
         vf acc = load(s + b0);
@@ -126,8 +128,12 @@ HOT static float row_sums(const float* s, int64_t ld, int64_t nk, float scale, f
             acc = acc < v ? v : acc;
         }
         std::memcpy(cm + b0 / L, &acc, sizeof acc);
+        float bm = acc[0];
+        for (int64_t l = 1; l < L; ++l) bm = bm < acc[l] ? acc[l] : bm;
+        cm[nchunks + L + b0 / BLOCK] = bm;
         rowmax = rowmax < acc ? acc : rowmax;
     }
+    std::memcpy(cm + nchunks, &rowmax, sizeof rowmax);
     float m = rowmax[0];
     for (int64_t l = 1; l < L; ++l) m = m < rowmax[l] ? rowmax[l] : m;
 
@@ -177,27 +183,30 @@ static INLINE float kth_of_block(const float* v, int64_t k) {
 }
 
 // Pass 3: the sum of exp(scale * (x - m)) over the k largest scores x of the row (1 <= k <= nk).
-// Any theta no larger than the k-th largest score lets only keys >= theta be ranked. A block's k-th largest chunk
-// maximum is one (the block holds k keys at least that large), so theta is the largest of those over the blocks
-// (k <= 16), or the k-th largest chunk maximum overall (16 < k <= chunks), or -inf. Chunks whose maximum is below
-// theta are skipped whole. `best` has room for k values.
+// Any theta no larger than the k-th largest score lets only keys >= theta be ranked. The k-th largest of the 16
+// lane maxima is one (they are 16 different keys, k of them at least that large): theta for k <= 16; else the
+// k-th largest chunk maximum (k <= chunks), or -inf. Blocks and chunks whose maximum is below theta are skipped. `best` has room for k values.
 HOT static double row_topk(const float* s, int64_t ld, const float* cm, int64_t nchunks, int64_t k, float m,
                            float scale, float* best) {
     float theta = -std::numeric_limits<float>::infinity();
     int64_t count = 0;
     if (k <= L) {
-        for (int64_t c0 = 0; c0 < nchunks; c0 += L) theta = std::max(theta, kth_of_block(cm + c0, k));
+        theta = kth_of_block(cm + nchunks, k);  // the 16 lane maxima are 16 different keys
     } else if (k <= nchunks) {
         for (int64_t c = 0; c < nchunks; ++c) push(best, count, k, cm[c]);
         theta = best[k - 1];
         count = 0;
     }
-    for (int64_t c = 0; c < nchunks; ++c) {
-        if (cm[c] < theta) continue;
-        const int64_t b0 = (c / L) * BLOCK, lane = c % L, stop = std::min(ld, b0 + BLOCK);
-        for (int64_t key = b0 + lane; key < stop; key += L) {
-            const float x = s[key];
-            if (x >= theta && x > -std::numeric_limits<float>::infinity()) push(best, count, k, x);  // not padding
+    const float* bmax = cm + nchunks + L;
+    for (int64_t c0 = 0; c0 < nchunks; c0 += L) {
+        if (bmax[c0 / L] < theta) continue;  // nothing in this block reaches theta
+        const int64_t b0 = (c0 / L) * BLOCK, stop = std::min(ld, b0 + BLOCK);
+        for (int64_t lane = 0; lane < L; ++lane) {
+            if (cm[c0 + lane] < theta) continue;
+            for (int64_t key = b0 + lane; key < stop; key += L) {
+                const float x = s[key];
+                if (x >= theta && x > -std::numeric_limits<float>::infinity()) push(best, count, k, x);  // not padding
+            }
         }
     }
     double top = 0.0;
@@ -298,7 +307,7 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
         pybind11::gil_scoped_release no_gil;
         at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
             std::vector<float> scores(batches_per_tile * rows_per_tile * ld, -std::numeric_limits<float>::infinity());
-            std::vector<float> cm((ld + BLOCK - 1) / BLOCK * L);
+            std::vector<float> cm((ld + BLOCK - 1) / BLOCK * (L + 1) + L);  // chunk, lane and block maxima
             std::vector<float> topbuf(std::max<int64_t>(1, std::min(topk, nk)) + L);
             std::vector<double> parts(std::max<int64_t>(1, nseg));
             for (int64_t t = begin; t < end; ++t) {
