@@ -169,18 +169,22 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     entropy (nats), entropy_norm (entropy / log Nk, in [0, 1]), max_prob, topk_mass (mass on the k largest keys).
     With `segments` (key ranges [start, stop), e.g. the memory frames and object pointers of a memory
     cross-attention) also `segment_mass` [G, h, Nq, S]: each query's attention mass per segment, from the same
-    tiles (no second pass over the scores). With `stats=False` only `segment_mass` is computed: float attention
-    over covering segments goes through torch's fused kernel (`_segment_mass_fused`), otherwise tile by tile.
+    tiles (no second pass over the scores). With `stats=False` only `segment_mass` is computed.
+    Float attention on CPU goes through the compiled kernel (`native`: one q·kᵀ per L2-sized tile, no copies of
+    the scores); otherwise segment mass alone over covering segments goes through torch's fused kernel
+    (`_segment_mass_fused`), and everything else tile by tile in torch ops.
     A tile holds at most `chunk_elements` scores; two tile buffers are the extra memory (8 MiB by default).
     """
     G, h, nq, d = q.shape
     nk = k.shape[-2]
-    if segments and not stats and transform is None and len(segments) <= d and _covering(segments, nk):
+    compiled = transform is None and q.device.type == "cpu" and _disjoint(segments, nk) and native.kernel() is not None
+    if (segments and not stats and transform is None and len(segments) <= d and _covering(segments, nk)
+            and not compiled):
         return {"segment_mass": _segment_mass_fused(q, k, scale, segments)}
     kk = min(topk, nk)
     B = G * h
     log_nk = math.log(nk) if nk > 1 else 1.0
-    if transform is None and q.device.type == "cpu" and _disjoint(segments, nk) and native.kernel() is not None:
+    if compiled:
         with torch.autocast("cpu", enabled=False):
             found, seg = native.query_stats(_fp32(q).reshape(B, nq, d), _fp32(k).reshape(B, nk, d), scale, kk,
                                             segments, stats)
