@@ -394,7 +394,7 @@ class QuantizedModel:
                 stats = QuantStats()
                 qmin, qmax = fq.qrange
                 raw, _ = uniform_codes(w, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
-                stats.add(w, fq.quiet(w), (raw < qmin) | (raw > qmax))
+                stats.add_codes(w, fq.quiet(w), raw, qmin, qmax)
                 cached = self._weight_error[qid] = (key, stats.to_dict())
             entry["error"] = {**cached[1], "on": "the weights"}
         else:

@@ -128,12 +128,18 @@ class QuantStats:
     calls: int = 0
 
     def add(self, x: torch.Tensor, xq: torch.Tensor, clipped: torch.Tensor | int) -> None:
-        xf, qf = x.detach().float(), xq.detach().float()
-        err = qf - xf
         self.elements += x.numel()
         self.calls += 1
-        if not err.numel():
+        if not x.numel():
             return
+        xf, qf = x.detach().float(), xq.detach().float()
+        if self._add_compiled(xf, qf, None, 0, 0):
+            if isinstance(clipped, torch.Tensor):
+                self.clipped += int(clipped.sum())
+            else:
+                self.clipped += int(clipped)
+            return
+        err = qf - xf
         n_clip = clipped.sum() if isinstance(clipped, torch.Tensor) else torch.tensor(clipped, device=err.device)
         # one device-to-host transfer per call, not four (float64: counts stay exact)
         parts = [n_clip, err.square().sum(), xf.square().sum(), err.abs().max()]
@@ -142,6 +148,31 @@ class QuantStats:
         self.sq_err += se
         self.sq_ref += sr
         self.max_abs_err = max(self.max_abs_err, mx)
+
+    def add_codes(self, x: torch.Tensor, xq: torch.Tensor, raw: torch.Tensor, qmin: int, qmax: int) -> None:
+        """`add` for a uniform quantizer, with the clipped codes counted from its unclamped codes `raw`."""
+        if x.numel() and self._add_compiled(x.detach().float(), xq.detach().float(), raw.detach(), qmin, qmax):
+            self.elements += x.numel()
+            self.calls += 1
+            return
+        self.add(x, xq, (raw < qmin) | (raw > qmax))
+
+    def _add_compiled(self, xf, qf, raw, qmin, qmax) -> bool:
+        """One read through the compiled kernel (CPU): False where it does not apply (the torch ops do it)."""
+        from sam2_layerwise.capture import native
+
+        if xf.device.type != "cpu" or xf.shape != qf.shape or native.kernel() is None:
+            return False
+        if raw is not None and (raw.dtype != torch.float32 or raw.shape != xf.shape):
+            return False
+        c, se, sr, mx = native.kernel().quant_error(
+            xf.contiguous(), qf.contiguous(), raw.contiguous() if raw is not None else torch.empty(0),
+            float(qmin), float(qmax)).tolist()
+        self.clipped += int(c)
+        self.sq_err += se
+        self.sq_ref += sr
+        self.max_abs_err = max(self.max_abs_err, mx)
+        return True
 
     def to_dict(self) -> dict:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else 0.0
@@ -266,7 +297,7 @@ class UniformKind:
         raw, codes = uniform_codes(x, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
         out = ((codes - _broadcast(fq.zero_point, x, fq.axis)) * _broadcast(fq.scale, x, fq.axis)).to(x.dtype)
         if monitor:
-            fq.stats.add(x, out, (raw < qmin) | (raw > qmax))
+            fq.stats.add_codes(x, out, raw, qmin, qmax)
         return out
 
 

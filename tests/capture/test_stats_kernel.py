@@ -166,3 +166,20 @@ def test_block_output_summaries(path, shape):
     x.view(-1)[5] = float("nan")
     bad = tensor_stats(x)
     assert math.isnan(bad["mean"]) and math.isnan(bad["min"])
+
+
+def test_quantizer_monitoring(path):
+    """QuantStats (compare's per-quantizer clip rate and error) in one read: equal to float64 sums."""
+    from sam2_layerwise.quant.quantizers import QuantStats, uniform_codes
+
+    x = torch.randn(3, 1000, 77, generator=torch.Generator().manual_seed(5)) * 2
+    raw, codes = uniform_codes(x, torch.tensor(0.02), torch.tensor(0.0), -127, 127)
+    xq = codes * 0.02
+    stats = QuantStats()
+    stats.add_codes(x, xq, raw, -127, 127)
+    stats.add(x[0], xq[0], 7)
+    err = (xq.double() - x.double())
+    both = torch.cat([err.reshape(-1), err[0].reshape(-1)])
+    assert stats.clipped == int(((raw < -127) | (raw > 127)).sum()) + 7 and stats.elements == x.numel() * 4 // 3
+    assert abs(stats.sq_err - both.square().sum().item()) <= 1e-9 * both.square().sum().item() + 1e-6
+    assert stats.max_abs_err == pytest.approx(err.abs().max().item(), rel=1e-6)

@@ -395,7 +395,91 @@ torch::Tensor tensor_moments(torch::Tensor t) {
     return torch::tensor({lo, hi, sum, squares}, torch::TensorOptions().dtype(torch::kFloat64));
 }
 
+namespace {
+
+struct ErrorSums {
+    double clipped = 0.0, err2 = 0.0, ref2 = 0.0;
+    float max_err = 0.0f;
+};
+
+// One read of x, its fake-quantized xq and (when raw) the unclamped codes: codes outside [lo, hi], sum (xq - x)^2,
+// sum x^2 and max |xq - x| (float lanes per 4096 values, then double).
+HOT static ErrorSums error_sums(const float* x, const float* xq, const float* raw, float lo, float hi, int64_t n) {
+    ErrorSums out;
+    vf mx{};
+    constexpr int64_t SPAN = 4096;
+    for (int64_t a = 0; a < n; a += SPAN) {
+        const int64_t b = std::min(n, a + SPAN);
+        vf e2{}, r2{}, cl{};
+        int64_t i = a;
+        for (; i + L <= b; i += L) {
+            const vf v = load(x + i), e = load(xq + i) - v;
+            e2 += e * e;
+            r2 += v * v;
+            const vf ae = e < 0 ? -e : e;
+            mx = ae > mx ? ae : mx;
+            if (raw) {
+                const vf c = load(raw + i);
+                cl += (c < lo) | (c > hi) ? splat(1.0f) : vf{};
+            }
+        }
+        for (int64_t l = 0; l < L; ++l) {
+            out.err2 += e2[l];
+            out.ref2 += r2[l];
+            out.clipped += cl[l];
+        }
+        for (; i < b; ++i) {
+            const float e = xq[i] - x[i];
+            out.err2 += static_cast<double>(e) * e;
+            out.ref2 += static_cast<double>(x[i]) * x[i];
+            out.max_err = std::max(out.max_err, std::fabs(e));
+            if (raw && (raw[i] < lo || raw[i] > hi)) out.clipped += 1.0;
+        }
+    }
+    for (int64_t l = 0; l < L; ++l) out.max_err = std::max(out.max_err, mx[l]);
+    return out;
+}
+
+}  // namespace
+
+// What a fake quantizer did to x (contiguous float32 CPU tensors of one shape): (codes outside [lo, hi] when raw is
+// given, sum (xq - x)^2, sum x^2, max |xq - x|) as float64, in one parallel read.
+torch::Tensor quant_error(torch::Tensor x, torch::Tensor xq, torch::Tensor raw, double lo, double hi) {
+    for (const auto* t : {&x, &xq}) {
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->is_contiguous(),
+                    "contiguous float32 CPU tensors only");
+    }
+    TORCH_CHECK(xq.numel() == x.numel(), "x and xq differ in size");
+    const bool codes = raw.numel() > 0;
+    TORCH_CHECK(!codes || (raw.scalar_type() == torch::kFloat32 && raw.is_contiguous() && raw.numel() == x.numel()),
+                "raw codes must be a contiguous float32 tensor of x's size");
+    const int64_t n = x.numel();
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n / (1 << 16)));
+    std::vector<ErrorSums> found(parts);
+    const float *px = x.data_ptr<float>(), *pq = xq.data_ptr<float>(), *pr = codes ? raw.data_ptr<float>() : nullptr;
+    {
+        pybind11::gil_scoped_release no_gil;
+        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+                const int64_t a = n * p / parts, b = n * (p + 1) / parts;
+                found[p] = error_sums(px + a, pq + a, pr ? pr + a : nullptr, static_cast<float>(lo),
+                                      static_cast<float>(hi), b - a);
+            }
+        });
+    }
+    ErrorSums all;
+    for (const auto& f : found) {
+        all.clipped += f.clipped;
+        all.err2 += f.err2;
+        all.ref2 += f.ref2;
+        all.max_err = std::max(all.max_err, f.max_err);
+    }
+    return torch::tensor({all.clipped, all.err2, all.ref2, static_cast<double>(all.max_err)},
+                         torch::TensorOptions().dtype(torch::kFloat64));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("quant_error", &quant_error, "clipped codes, squared error, squared reference and max error in one read");
     m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
     m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)");
 }
