@@ -196,6 +196,7 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
         if seg is not None:
             out["segment_mass"] = seg.view(G, h, nq, len(segments))
         return out
+    native.note_taken("torch")
     tiles = _stat_tiles(B, nq, nk, chunk_elements)
     want = stats
     stats = {name: torch.empty((B, nq), dtype=torch.float32, device=q.device) for name in (STAT_NAMES if want else ())}

@@ -140,14 +140,22 @@ def path_name() -> str:
     return "compiled" if kernel() is not None else "torch"
 
 
+_taken: set[str] = set()  # the paths all-query statistics took since the last `reset_taken()`
+
+
+def note_taken(path: str) -> None:
+    _taken.add(path)
+
+
+def reset_taken() -> None:
+    """Called when a capture starts, so its summary names the paths its own statistics took."""
+    _taken.clear()
+
+
 def used() -> str | None:
-    """The path taken so far in this process without building anything: 'compiled', 'torch', or None when no
-    statistics were computed yet (recorded in a run's summary)."""
-    if mode() == "torch":
-        return "torch"
-    if "module" not in _state:
-        return None
-    return "compiled" if _state["module"] is not None else "torch"
+    """The path(s) statistics took since the capture started: 'compiled', 'torch' (the fallback, a GPU, or a
+    quantized model's probability transform), 'compiled+torch', or None when none were computed."""
+    return "+".join(sorted(_taken)) or None
 
 
 def query_stats(q: torch.Tensor, k: torch.Tensor, scale: float, topk: int, segments, stats: bool):
@@ -156,6 +164,7 @@ def query_stats(q: torch.Tensor, k: torch.Tensor, scale: float, topk: int, segme
     Returns (entropy, max_prob, topk_mass) as [B, Nq] (None when not `stats`) and the segment mass
     [B, Nq, S] (None without `segments`)."""
     module = kernel()
+    note_taken("compiled")
     seg = torch.tensor(segments or [], dtype=torch.int64).reshape(-1, 2)
     ent, mx, top, seg_mass = module.query_stats(q.contiguous(), k.contiguous(), float(scale), int(topk), seg,
                                                 bool(stats), TILE_ELEMENTS)

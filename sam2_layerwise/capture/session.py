@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sam2_layerwise.capture import dispatch
+from sam2_layerwise.capture import dispatch, native
 from sam2_layerwise.capture.attention import STAT_NAMES, attention_rows, query_statistics, segment_sums
 from sam2_layerwise.capture.records import AttentionRecord, BlockRecord, QuerySpec, layer_key, tensor_stats
 from sam2_layerwise.errors import CaptureError
@@ -169,6 +169,7 @@ class CaptureSession:
         if getattr(self.model, "compile_image_encoder", False) or hasattr(self.model, "_orig_mod"):
             raise CaptureError("torch.compile'd models run hooks unreliably; build the model with "
                                "compile_image_encoder=False to capture it", flag="--config")
+        native.reset_taken()
         modules = self._modules = dict(self.model.named_modules())
         for name, module in modules.items():
             cls = type(module).__name__
