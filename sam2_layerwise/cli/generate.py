@@ -3,6 +3,7 @@ run per layer and head, the output impact, tables, a ranking and plots, written 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -56,9 +57,13 @@ def run(args) -> int:
     run_ = open_compare_run(args.run_dir)
     writer = RunWriter(run_.run_dir, owned=(opts.output,), kind=COMPARE_RUN, flag="--run_dir")
     t0 = time.perf_counter()
-    with tqdm(desc=f"measuring ({run_.mode} mode)", unit="layer", disable=True if args.quiet else None) as bar:
+    # Light mode's tensors are small (a few rows per layer), as are the tables, plots and the viewer's maps in
+    # both modes: there each parallel region costs more than it saves, 10-50x more on busy cores. Full mode
+    # measures tiles of 2^20 scores, which threads do speed up.
+    with tqdm(desc=f"measuring ({run_.mode} mode)", unit="layer", disable=True if args.quiet else None) as bar, \
+            (one_thread() if run_.mode == "light" else contextlib.nullcontext()):
         result = analyse(run_, opts, on_layer=lambda pair: bar.update(1))
-    with writer:
+    with writer, one_thread():
         metrics = write_analysis(run_, result, opts, writer, ["sam2-layerwise", *getattr(args, "argv", [])])
         write_compare_viewer(run_, result, writer, opts.output)  # the browser viewer: OUTPUT/index.html
     files = metrics["files"]
@@ -76,6 +81,20 @@ def run(args) -> int:
              run_.run_dir / opts.output / "index.html", run_.run_dir,
              f" --page {opts.output}" if opts.output != "analysis" else "")
     return 0
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads set to 1 for the block (restored after). Process-wide: for the command, not for
+    library code that a threaded server may call."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fmt(v) -> str:

@@ -19,10 +19,10 @@ from sam2_layerwise.metrics.distributions import (
     topk_overlap,
 )
 from sam2_layerwise.metrics.impact import output_impact
-from sam2_layerwise.metrics.plots import heatmap, layer_chart
+from sam2_layerwise.metrics.plots import heatmap, heatmaps, layer_chart
 
 __all__ = [
-    "PAIR_METRICS", "entropy", "entropy_norm", "heatmap", "js_divergence", "layer_chart", "mass_on_topk",
+    "PAIR_METRICS", "entropy", "entropy_norm", "heatmap", "heatmaps", "js_divergence", "layer_chart", "mass_on_topk",
     "output_impact", "pair_metrics", "relative_error", "relative_error_from_parts", "sq_err_parts", "summarise",
     "topk_mass", "topk_overlap",
 ]
