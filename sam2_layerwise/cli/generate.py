@@ -9,6 +9,7 @@ import time
 
 from sam2_layerwise.cli.common import positive_int, setup_logging
 from sam2_layerwise.errors import InputError
+from sam2_layerwise.threads import one_thread
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -81,20 +82,6 @@ def run(args) -> int:
              run_.run_dir / opts.output / "index.html", run_.run_dir,
              f" --page {opts.output}" if opts.output != "analysis" else "")
     return 0
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch's intra-op threads set to 1 for the block (restored after). Process-wide: for the command, not for
-    library code that a threaded server may call."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _fmt(v) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from sam2_layerwise.errors import LayerwiseError, condense
 from sam2_layerwise.sweep.inputs import Item
+from sam2_layerwise.threads import one_thread
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -250,17 +251,6 @@ class SweepWorker:
             manifest = pair.compare_manifest(args, mode="light", models=models, image_info=info, prompts=prompts,
                                              calls=len(q_cap.attention), qcfg=self.qm.config, extra=extra)
             atomic_write_json(manifest, writer.path(cr.MANIFEST))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch's intra-op threads set to 1 for the block (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def failed_result(item: Item, reason: str) -> dict:
