@@ -3,20 +3,24 @@ compare run directory holds both video captures (`original/`, `quantized/`, each
 `manifest.json`, so `generate` ranks every captured layer, memory attention included, call by call (one call per
 frame) and measures the output impact frame by frame (predictions.pt has a frame axis).
 
-Memory bounds: each half is written frame by frame while it tracks. What the float half leaves for the quantized
-half to be measured against is only the selected query rows and the q/k/v of Hiera windows holding them (a few
-KiB per call), never whole-grid q/k/v (global blocks, decoder, memory attention).
+Memory bounds: both models are held and track in lockstep (`FloatHalf`), one frame at a time each; every
+quantized attention call is measured against the float half's same call (q/k/v and attention-output errors, as
+in image mode) as soon as it is computed, then both calls' whole-grid q/k/v are dropped. What is kept across
+frames is what each half writes anyway; the extra over one model at a time is the second model and one frame of
+the float half's whole-grid q/k/v (README, video section).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import gc
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 from sam2_layerwise.errors import CaptureError, InputError
 
@@ -64,16 +68,74 @@ def _build(spec, args):
         return load_quantized_model(spec.config, spec.checkpoint, spec.qcfg, device=args.device, overrides=overrides)
 
 
-def _keep(record) -> tuple:
-    """What the float half keeps of one call: selected rows and, for Hiera windows, their q/k/v (small)."""
-    qkv = record.qkv if record.qkv is not None and record.q_shape[0] > 1 else None
-    return record.probs.clone(), qkv, [q.group for q in record.queries]
+class FloatHalf:
+    """The float half tracking in a thread of its own, in step with the quantized half: it computes a frame, hands
+    it over and waits until the quantized half has computed the same frame. Only one model runs at any moment
+    (the capture routes each module's SDPA through a process-wide swap), and what the float half keeps for the
+    quantized half to be measured against is one frame's records, whole-grid q/k/v included, never more.
+
+    `track(on_frame)` runs the float capture (`api_video.capture_video`) and returns its VideoCapture."""
+
+    def __init__(self, track):
+        self._handed: queue.Queue = queue.Queue()
+        self._go = threading.Semaphore(0)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, args=(track,), name="sam2lw-float-half", daemon=True)
+
+    def _main(self, track) -> None:
+        try:
+            cap = track(self._on_frame)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._handed.put(("error", exc))
+        else:
+            self._handed.put(("done", cap))
+
+    def _on_frame(self, fc) -> None:
+        self._handed.put(("frame", fc))
+        self._go.acquire()
+        if self._stopping:
+            raise _Stopped("the quantized half stopped")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def next(self):
+        """The float half's next FrameCapture, or its VideoCapture once it has tracked every frame."""
+        kind, value = self._handed.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def resume(self) -> None:
+        """Let the float half compute its next frame (the caller then waits for it with `next`)."""
+        self._go.release()
+
+    def stop(self) -> None:
+        """Unwind the float half wherever it waits (after an error on the quantized side) and join it."""
+        if self._thread.is_alive():
+            self._stopping = True
+            self._go.release()
+            self._thread.join()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _calls(records) -> list:
+    """What both halves must have captured alike on a frame: calls, memory keys and query tokens."""
+    return [(r.layer_key, r.call_index, r.frame_index, r.k_shape, [(q.label, q.group, q.index) for q in r.queries])
+            for r in records]
 
 
 def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, args) -> dict:
+    """Both models track the same frames in lockstep (`FloatHalf`): each quantized attention call is measured
+    against the float half's same call as soon as it is computed (`analysis.pair.selected_errors`: q/k/v over
+    the groups holding the selected queries, the whole grid for global blocks, the decoder and memory attention;
+    the attention output over the selected rows), then the whole-grid q/k/v of both are dropped."""
     from sam2_layerwise import layers as layer_sel
-    from sam2_layerwise.analysis.pair import FULL_DTYPES, _versions, selected_errors
-    from sam2_layerwise.api_video import capture_video
+    from sam2_layerwise.analysis.pair import FULL_DTYPES, _drop_whole_grid_qkv, _kept, _versions, selected_errors
+    from sam2_layerwise.api_video import FrameCapture, capture_video
     from sam2_layerwise.capture import CaptureOptions
     from sam2_layerwise.quant.apply import site_id
     from sam2_layerwise.store import compare_run as cr
@@ -88,70 +150,97 @@ def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, a
                              save_full=FULL_DTYPES[args.full_dtype] if full else None)
     video_info = {"path": None, "video": str(source.path), "sha256": source.sha256(), "width": source.width,
                   "height": source.height}
-    models, selection, kept, calls = {}, None, {}, 0
+    command = ["sam2-layerwise", *getattr(args, "argv", [])]
     owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS)
     with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer:
-        for spec in specs:
+        halves = {}
+        for spec in specs:  # both models are held: they track side by side
             loaded, qm = _build(spec, args)
-            keys = layer_sel.attention_layer_keys(loaded.model)
-            chosen = layer_sel.select(keys, args.layers)
+            chosen = layer_sel.select(layer_sel.attention_layer_keys(loaded.model), args.layers)
             options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
                                      all_query_stats=True, keep_qkv=True, keep_all_qkv=full,
                                      layers=None if args.layers is None else tuple(chosen))
             log.info("%s: %s (%s) on %s, %d attention modules x %d frames", spec.name, loaded.config_path.name,
                      loaded.checkpoint_path, loaded.device, len(chosen), len(source))
-            sink = VideoRunSink(writer.sub(spec.name), source, prompts, prompt_index, out_opts)
-            errors: dict = {}
+            halves[spec.name] = SimpleNamespace(loaded=loaded, qm=qm, options=options, cap=None,
+                                                sink=VideoRunSink(writer.sub(spec.name), source, prompts, prompt_index,
+                                                                  out_opts))
+        fp, q = halves["original"], halves["quantized"]
+        errors: dict = {}
+        step = {"frame": None, "kept": {}}  # the float half's frame the quantized half is computing
 
-            def on_frame(fc, qm=qm, spec=spec, errors=errors, sink=sink):
-                for r in fc.attention:
-                    if qm is not None:
-                        r.quant = qm.module_report(r.name)
-                        if r.full_qkv is not None:
-                            fq = qm.quantizers.get(site_id(r.name, "probs"))
-                            r.full_qkv["probs_quantizer"] = fq.to_payload() if fq is not None else None
-                if qm is None:
-                    kept.update({(r.layer_key, r.call_index): _keep(r) for r in fc.attention})
-                else:
-                    errors.update(selected_errors(kept, SimpleNamespace(attention=[
-                        r for r in fc.attention if (r.layer_key, r.call_index) in kept])))
-                for r in fc.attention:  # light mode saves windows' q/k/v only; full mode saves every group
-                    if full or (r.qkv is not None and r.q_shape[0] == 1):
-                        r.qkv = None
-                sink(fc)
+        def track_float(on_frame):
+            return capture_video(fp.loaded.model, source, prompts, fp.options, prompt_frame=prompt_index,
+                                 precision=args.precision, on_frame=on_frame)
 
-            with (qm.monitoring() if qm else contextlib.nullcontext()):
-                cap = capture_video(loaded.model, source, prompts, options, prompt_frame=prompt_index,
-                                    precision=args.precision, on_frame=on_frame)
-            sel = [(r.layer_key, r.call_index, r.frame_index, r.k_shape,
-                    [(q.label, q.group, q.index) for q in r.queries]) for r in cap.attention]
-            if selection is None:
-                selection = sel
-            elif sel != selection:
-                raise CaptureError("the two models captured different calls, query tokens or memory keys (their "
-                                   "architectures differ); compare needs the quantized twin of the original model",
-                                   flag="--config-quantized", value=args.config_quantized)
-            extra = {"compare": {"half": spec.name, "mode": mode}}
-            if qm is not None:
-                extra["quantization"] = qm.report()
+        def mismatch(what: str) -> CaptureError:
+            return CaptureError(f"the two models captured different {what} (their architectures differ); compare "
+                                "needs the quantized twin of the original model", flag="--config-quantized",
+                                value=args.config_quantized)
+
+        def take(got) -> None:
+            if isinstance(got, FrameCapture):
+                step["frame"], step["kept"] = got, {(r.layer_key, r.call_index): r for r in got.attention}
+            else:  # the float half's VideoCapture: it has tracked every frame
+                fp.cap, step["frame"], step["kept"] = got, None, {}
+
+        def on_record(rec) -> None:  # a quantized call, just computed: measured against the float half's
+            fr = step["kept"].get((rec.layer_key, rec.call_index))
+            if fr is None:
+                raise mismatch(f"attention calls (no float call {rec.layer_key} #{rec.call_index})")
+            q_t = (rec.qkv or {}).get("q")  # measured in fp32 even inside a bf16 autocast region
+            with torch.autocast(q_t.device.type if q_t is not None else "cpu", enabled=False):
+                errors.update(selected_errors(_kept(SimpleNamespace(attention=[fr])),
+                                              SimpleNamespace(attention=[rec])))
+            _drop_whole_grid_qkv(SimpleNamespace(attention=[rec, fr]), full)
+
+        def on_frame(fc) -> None:
+            fc_fp = step["frame"]
+            if fc_fp is None or fc_fp.index != fc.index or _calls(fc_fp.attention) != _calls(fc.attention):
+                raise mismatch("frames, calls, query tokens or memory keys")
+            for r in fc.attention:
+                r.quant = q.qm.module_report(r.name)
+                if r.full_qkv is not None:
+                    fq = q.qm.quantizers.get(site_id(r.name, "probs"))
+                    r.full_qkv["probs_quantizer"] = fq.to_payload() if fq is not None else None
+            fp.sink(fc_fp)
+            q.sink(fc)
+            float_half.resume()
+            take(float_half.next())
+
+        float_half = FloatHalf(track_float)
+        float_half.start()
+        try:
+            take(float_half.next())
+            if fp.cap is not None:
+                raise CaptureError("the float model tracked no frame", flag="--video", value=str(source.path))
+            with q.qm.monitoring():
+                q.cap = capture_video(q.loaded.model, source, prompts, q.options, prompt_frame=prompt_index,
+                                      precision=args.precision, on_frame=on_frame, on_record=on_record)
+            if fp.cap is None:
+                raise mismatch("frames (the float model tracked more)")
+        finally:
+            float_half.stop()
+        models = {}
+        for name, h in halves.items():
+            extra = {"compare": {"half": name, "mode": mode}}
+            if h.qm is not None:
+                extra["quantization"] = h.qm.report()
                 extra["compare"]["errors"] = errors
-                extra["compare"]["errors_note"] = ("video mode: q/k/v errors for Hiera windows only (whole-grid q/k/v "
-                                                   "are not kept across frames); probability rows for every call")
-            write_video_run(writer.sub(spec.name), cap, source, model_info=loaded.describe(), opts=out_opts,
-                            command=["sam2-layerwise", *getattr(args, "argv", [])], sink=sink, extra_summary=extra,
+                extra["compare"]["errors_note"] = ERRORS_NOTE
+            write_video_run(writer.sub(name), h.cap, source, model_info=h.loaded.describe(), opts=out_opts,
+                            command=command, sink=h.sink, extra_summary=extra,
                             image_info=video_info)  # the halves name the same input: the video's fingerprint
-            calls = len(cap.attention)
-            ckpt = loaded.checkpoint_path
-            models[spec.name] = {**loaded.describe(), "config_sha256": cr.sha256_file(loaded.config_path),
-                                 "checkpoint_sha256": cr.sha256_file(ckpt) if ckpt else None,
-                                 "quantized": qm is not None, "nonfinite": cap.nonfinite_report()["first"]}
-            del cap, loaded, qm
-            gc.collect()
+            ckpt = h.loaded.checkpoint_path
+            models[name] = {**h.loaded.describe(), "config_sha256": cr.sha256_file(h.loaded.config_path),
+                            "checkpoint_sha256": cr.sha256_file(ckpt) if ckpt else None,
+                            "quantized": h.qm is not None, "nonfinite": h.cap.nonfinite_report()["first"]}
+        calls = len(q.cap.attention)
         qpath = Path(args.config_quantized).expanduser()
         manifest = {
             "schema": cr.SCHEMA, "schema_version": cr.SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": ["sam2-layerwise", *getattr(args, "argv", [])], "versions": _versions(),
+            "command": command, "versions": _versions(),
             "mode": mode, "full_dtype": FULL_DTYPES[args.full_dtype] if full else None,
             "halves": {name: f"{name}/" for name in cr.HALVES}, "models": models,
             "quantization_config": {"path": str(qpath.resolve()), "sha256": cr.sha256_file(qpath),
@@ -166,6 +255,11 @@ def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, a
         }
         atomic_write_json(manifest, writer.path(cr.MANIFEST))
     return {"mode": mode, "attention_calls": calls}
+
+
+ERRORS_NOTE = ("video mode: both models track in lockstep, frame by frame, and every call is measured as in image "
+               "mode: q/k/v over the groups holding the selected queries (windows; the whole grid for global "
+               "blocks, the decoder and memory attention), the attention output over the selected rows")
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@ frames reach `init_state` through an in-memory loader instead of a JPEG folder.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,17 +96,29 @@ def init_state(predictor, source) -> dict:
         svp.load_video_frames = original
 
 
+_QUIET = {"depth": 0, "original": None}
+_QUIET_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_sam2_progress():
-    """SAM 2 draws its own 'propagate in video' progress bar; ours says the same per frame."""
+    """SAM 2 draws its own 'propagate in video' progress bar; ours says the same per frame. Counted, so two
+    trackers that overlap in any order (compare --video's float half tracks in a thread of its own) leave
+    SAM 2's own `tqdm` in place once both are done."""
     import sam2.sam2_video_predictor as svp
 
-    original = svp.tqdm
-    svp.tqdm = lambda iterable, *a, **k: iterable
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["original"] = svp.tqdm
+            svp.tqdm = lambda iterable, *a, **k: iterable
+        _QUIET["depth"] += 1
     try:
         yield
     finally:
-        svp.tqdm = original
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                svp.tqdm = _QUIET["original"]
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 
 import pytest
 import yaml
@@ -66,3 +68,91 @@ def test_compare_video_bad_inputs(compare_run, tmp_path, tiny_checkpoint, frames
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert code == 2 and len(err) == 1 and all(n in err[0] for n in needles), err
         assert not (tmp_path / "out").exists()
+
+
+# -- q/k/v and output errors of every call, memory attention included (both models track in lockstep) ----------
+W8A8_MEMORY = {  # 8-bit weights everywhere; 8-bit inputs and q/k/v in memory attention, which images cannot calibrate
+    "format": "sam2-layerwise/quant-config", "version": 1, "name": "w8a8_memory",
+    "defaults": {"weight": {"kind": "uniform", "bits": 8, "symmetric": True, "granularity": "per_channel",
+                            "calibration": "minmax"}},
+    "rules": [{"match": "memory_attention",
+               "activation": {"kind": "uniform", "bits": 8, "symmetric": True, "calibration": "minmax"},
+               "attention": {"q": {"bits": 8, "symmetric": True}, "k": {"bits": 8, "symmetric": True},
+                             "v": {"bits": 8, "symmetric": True}}}],
+}
+ERROR_NAMES = ("q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
+
+
+def _video_compare(root, name, qcfg, qckpt, ckpt, frames_dir):
+    out = root / name
+    assert main(["compare", "--config-original", TINY_CONFIG, "--checkpoint-original", str(ckpt),
+                 "--config-quantized", str(qcfg), "--checkpoint-quantized", str(qckpt), "--device", "cpu",
+                 "--video", str(frames_dir), "--max-frames", "4", "--prompt-frame", "1", "--points", "230", "150",
+                 "1", "--save-raw", "--output-dir", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory, tiny_checkpoint, frames_dir):
+    """compare --video with the passthrough config and with W8A8 on memory attention (its input and q/k/v scales
+    set by hand: a fixed 8-bit grid of step 0.05), clicks on frame 1: tracked forward to 3, then back to 0."""
+    from sam2_layerwise.model import build_model
+    from sam2_layerwise.model.video import video_overrides
+    from sam2_layerwise.quant import parse_config
+    from sam2_layerwise.quant.apply import plan, quantize_model
+    from sam2_layerwise.quant.checkpoint import save_quantized_checkpoint
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("verrors")
+    qcfg = root / "w8a8_memory.yaml"
+    qcfg.write_text(yaml.safe_dump(W8A8_MEMORY))
+    parsed = parse_config(W8A8_MEMORY, str(qcfg))
+    model = build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu", overrides=video_overrides()).model
+    sites, _ = plan(model, parsed)
+    params = {qid: {"scale": 0.05, "zero_point": 0.0} for qid, s in sites.items() if s.params_from_data}
+    assert any(qid.startswith("memory_attention") for qid in params)
+    qckpt = save_quantized_checkpoint(quantize_model(model, parsed, params), root / "w8a8_memory.pt")
+    passthrough = REPO / "examples" / "quantization" / "passthrough.yaml"
+    return {"passthrough": _video_compare(root, "passthrough", passthrough, tiny_checkpoint, tiny_checkpoint,
+                                          frames_dir),
+            "w8a8": _video_compare(root, "w8a8", qcfg, qckpt, tiny_checkpoint, frames_dir)}
+
+
+def _memory_errors(run) -> tuple[dict, list[dict], dict]:
+    s = json.loads((run / "quantized" / "layerwise_summary.json").read_text())
+    mem = [e for e in s["attention"] if e["kind"].startswith("memory")]
+    assert set(s["compare"]["errors"]) == {e["file_stem"] for e in s["attention"]}  # every call, every kind
+    return s["compare"]["errors"], mem, s["frames"]
+
+
+@pytest.mark.parametrize("which", ["passthrough", "w8a8"])
+def test_memory_attention_errors_on_every_tracked_frame(error_runs, which):
+    errors, mem, frames = _memory_errors(error_runs[which])
+    with_memory = {f["index"] for f in frames["list"] if f["memory"]}
+    assert with_memory == {0, 2, 3}  # every tracked frame but the prompted one, both directions
+    layers = {e["layer_key"] for e in mem}
+    assert len(layers) == 4  # self_attn and cross_attn_image of both memory-attention layers
+    assert {(e["layer_key"], e["frame"]) for e in mem} == {(k, f) for k in layers for f in with_memory}
+    for e in mem:
+        found = errors[e["file_stem"]]
+        for name in ERROR_NAMES:
+            values = found[name]
+            assert len(values) == e["heads"] and all(math.isfinite(v) for v in values), (e["file_stem"], name)
+            if which == "passthrough":
+                assert values == [0.0] * e["heads"], (e["file_stem"], name)
+            else:
+                assert all(v > 0 for v in values), (e["file_stem"], name)
+
+
+def test_generate_reports_memory_errors(error_runs):
+    run = error_runs["w8a8"]
+    assert main(["generate", "--run_dir", str(run), "-q"]) == 0
+    errors, mem, _ = _memory_errors(run)
+    with open(run / "analysis" / "metrics_heads.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"].startswith("memory")]
+    assert len(rows) == sum(e["heads"] for e in mem)
+    stems = {(e["layer_key"], e["call_index"]): e["file_stem"] for e in mem}
+    for r in rows:
+        want = errors[stems[r["layer_key"], int(r["call_index"])]]
+        for name in ERROR_NAMES:
+            assert float(r[name]) == pytest.approx(want[name][int(r["head"])], rel=1e-6)
