@@ -128,51 +128,49 @@ class QuantStats:
     calls: int = 0
 
     def add(self, x: torch.Tensor, xq: torch.Tensor, clipped: torch.Tensor | int) -> None:
-        self.elements += x.numel()
-        self.calls += 1
         if not x.numel():
+            self.calls += 1
             return
         xf, qf = x.detach().float(), xq.detach().float()
-        if self._add_compiled(xf, qf, None, 0, 0):
-            if isinstance(clipped, torch.Tensor):
-                self.clipped += int(clipped.sum())
-            else:
-                self.clipped += int(clipped)
-            return
-        err = qf - xf
-        n_clip = clipped.sum() if isinstance(clipped, torch.Tensor) else torch.tensor(clipped, device=err.device)
+        n_clip = clipped.sum() if isinstance(clipped, torch.Tensor) else torch.tensor(clipped)
+        sums = self._sums_compiled(xf, qf, None, 0, 0)
+        if sums is None:
+            err = qf - xf
+            sums = torch.stack([t.to(torch.float64) for t in (err.square().sum(), xf.square().sum(), err.abs().max())])
+            sums = torch.cat([sums[:1], sums])
+        sums[0] = n_clip.to(sums.device, torch.float64)
         # one device-to-host transfer per call, not four (float64: counts stay exact)
-        parts = [n_clip, err.square().sum(), xf.square().sum(), err.abs().max()]
-        c, se, sr, mx = torch.stack([t.to(torch.float64) for t in parts]).tolist()
-        self.clipped += int(c)
-        self.sq_err += se
-        self.sq_ref += sr
-        self.max_abs_err = max(self.max_abs_err, mx)
+        self.add_sums(x.numel(), sums)
 
     def add_codes(self, x: torch.Tensor, xq: torch.Tensor, raw: torch.Tensor, qmin: int, qmax: int) -> None:
         """`add` for a uniform quantizer, with the clipped codes counted from its unclamped codes `raw`."""
-        if x.numel() and self._add_compiled(x.detach().float(), xq.detach().float(), raw.detach(), qmin, qmax):
-            self.elements += x.numel()
-            self.calls += 1
-            return
-        self.add(x, xq, (raw < qmin) | (raw > qmax))
+        sums = self._sums_compiled(x.detach().float(), xq.detach().float(), raw.detach(), qmin, qmax)
+        if sums is None or not x.numel():
+            return self.add(x, xq, (raw < qmin) | (raw > qmax))
+        self.add_sums(x.numel(), sums)
 
-    def _add_compiled(self, xf, qf, raw, qmin, qmax) -> bool:
-        """One read through the compiled kernel (CPU): False where it does not apply (the torch ops do it)."""
-        from sam2_layerwise.capture import native
-
-        if xf.device.type != "cpu" or xf.shape != qf.shape or native.kernel() is None:
-            return False
-        if raw is not None and (raw.dtype != torch.float32 or raw.shape != xf.shape):
-            return False
-        c, se, sr, mx = native.kernel().quant_error(
-            xf.contiguous(), qf.contiguous(), raw.contiguous() if raw is not None else torch.empty(0),
-            float(qmin), float(qmax)).tolist()
+    def add_sums(self, elements: int, sums: torch.Tensor) -> None:
+        """Add what was summed over `elements` values: (clipped, sum err^2, sum x^2, max |err|), float64."""
+        c, se, sr, mx = sums.tolist()
+        self.elements += elements
+        self.calls += 1
         self.clipped += int(c)
         self.sq_err += se
         self.sq_ref += sr
         self.max_abs_err = max(self.max_abs_err, mx)
-        return True
+
+    @staticmethod
+    def _sums_compiled(xf, qf, raw, qmin, qmax) -> torch.Tensor | None:
+        """`add_sums`' sums in one read through the compiled kernel (CPU); None where it does not apply."""
+        from sam2_layerwise.capture import native
+
+        if xf.device.type != "cpu" or xf.shape != qf.shape or not xf.numel() or native.kernel() is None:
+            return None
+        if raw is not None and (raw.dtype != torch.float32 or raw.shape != xf.shape):
+            return None
+        return native.kernel().quant_error(xf.contiguous(), qf.contiguous(),
+                                           raw.contiguous() if raw is not None else torch.empty(0),
+                                           float(qmin), float(qmax))
 
     def to_dict(self) -> dict:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else 0.0
@@ -281,6 +279,29 @@ class FakeQuantizer:
         return d
 
 
+def _fake_quant_compiled(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                         stats: QuantStats | None) -> torch.Tensor | None:
+    """Per-tensor uniform fake quantization of a float32 CPU tensor in one read through the compiled kernel,
+    bit-identical to `fake_quantize`'s torch ops (about 8x faster: they write five temporaries), with `stats`
+    updated from the same read. None where it does not apply (per-channel, other dtypes or devices, a layout
+    with gaps, autograd, no compiled kernel): the torch ops run instead."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or scale.numel() != 1 or zero_point.numel() != 1
+            or scale.dtype != torch.float32 or zero_point.dtype != torch.float32 or x.requires_grad
+            or not x.numel()):
+        return None
+    from sam2_layerwise.capture import native
+
+    module = native.kernel()
+    if module is None:
+        return None
+    found = module.fake_quant(x, scale.item(), zero_point.item(), float(qmin), float(qmax), stats is not None)
+    if not found:
+        return None
+    if stats is not None:
+        stats.add_sums(x.numel(), found[1])
+    return found[0]
+
+
 class UniformKind:
     """Uniform affine or symmetric quantization with a calibrated (or checkpointed) scale."""
 
@@ -294,6 +315,9 @@ class UniformKind:
         if fq.scale.device != x.device:
             fq.to(x.device)  # the model was moved after install
         qmin, qmax = fq.qrange
+        fast = _fake_quant_compiled(x, fq.scale, fq.zero_point, qmin, qmax, fq.stats if monitor else None)
+        if fast is not None:
+            return fast
         raw, codes = uniform_codes(x, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
         out = ((codes - _broadcast(fq.zero_point, x, fq.axis)) * _broadcast(fq.scale, x, fq.axis)).to(x.dtype)
         if monitor:

@@ -183,3 +183,35 @@ def test_quantizer_monitoring(path):
     assert stats.clipped == int(((raw < -127) | (raw > 127)).sum()) + 7 and stats.elements == x.numel() * 4 // 3
     assert stats.sq_err == pytest.approx(both.square().sum().item(), rel=1e-6)  # float lanes, then float64
     assert stats.max_abs_err == pytest.approx(err.abs().max().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale,zero,qmin,qmax", [(0.0123, 0.0, -127, 127), (0.05, 37.0, 0, 255),
+                                                  (1.0, 0.0, -7, 7), (0.5, 3.0, 0, 15)])
+def test_fake_quantizer_bit_identical(path, scale, zero, qmin, qmax):
+    """A uniform per-tensor quantizer (compiled: one fused read) gives the torch ops' exact bits and layout, on
+    ties (x/s halfway between codes: round half to even), +-0, NaN, +-inf, huge and subnormal values, any dense
+    layout; its monitoring sums equal float64 ones. A layout with gaps takes the torch ops."""
+    from sam2_layerwise.quant.config import QuantSpec
+    from sam2_layerwise.quant.quantizers import FakeQuantizer, QuantStats, fake_quantize, uniform_codes
+
+    spec = QuantSpec(kind="uniform", bits=8 if qmax > 100 else 4, symmetric=qmin < 0)
+    fq = FakeQuantizer("t.input", spec, scale=torch.tensor(scale), zero_point=torch.tensor(zero))
+    assert fq.qrange == (qmin, qmax)
+    x = torch.randn(4099 * 61, generator=torch.Generator().manual_seed(2)) * 40 * scale
+    x[:2000] = (torch.arange(2000) - 1000) * (scale / 2)  # exact halfway points and integers
+    x[2000:2010] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e30, -1e30, 3e38, 1e-45,
+                                 -1e-45])
+    for view in (x, x[:4099 * 60].view(4099, 60).t(), x[:4096 * 60].view(16, 256, 60).permute(2, 0, 1),
+                 x[:4096 * 60].view(4096, 60)[:, :50]):
+        want = fake_quantize(view, fq.scale, fq.zero_point, qmin, qmax)
+        fq.stats, fq.monitor = QuantStats(), True
+        got = fq(view)
+        assert got.stride() == want.stride() and got.dtype == torch.float32
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num().view(torch.int32), want.nan_to_num().view(torch.int32))  # every bit
+        raw, _ = uniform_codes(view, fq.scale, fq.zero_point, qmin, qmax)
+        assert fq.stats.clipped == int(((raw < qmin) | (raw > qmax)).sum()) and fq.stats.elements == view.numel()
+        if bool(torch.isfinite(view).all()):
+            err = want.double() - view.double()
+            assert fq.stats.sq_err == pytest.approx(err.square().sum().item(), rel=1e-6)
+            assert fq.stats.max_abs_err == pytest.approx(err.abs().max().item(), rel=1e-6)

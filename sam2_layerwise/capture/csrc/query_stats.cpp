@@ -52,6 +52,10 @@ static INLINE vf splat(float x) {
     return vf{} + x;
 }
 
+static INLINE vi splat_i(int32_t x) {
+    return vi{} + x;
+}
+
 // exp(x) for x <= 0 without a libm call, 16 at a time: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits. Below -87 the result
 // is 0 (exp(-87) = 1.6e-38, under float's smallest normal).
@@ -420,7 +424,8 @@ HOT static ErrorSums error_sums(const float* x, const float* xq, const float* ra
             mx = ae > mx ? ae : mx;
             if (raw) {
                 const vf c = load(raw + i);
-                cl += (c < lo) | (c > hi) ? splat(1.0f) : vf{};
+                cl += c < lo ? splat(1.0f) : vf{};  // two selects, see fake_quant_span
+                cl += c > hi ? splat(1.0f) : vf{};
             }
         }
         for (int64_t l = 0; l < L; ++l) {
@@ -478,7 +483,126 @@ torch::Tensor quant_error(torch::Tensor x, torch::Tensor xq, torch::Tensor raw, 
                          torch::TensorOptions().dtype(torch::kFloat64));
 }
 
+namespace {
+
+// Rounds to the nearest integer, ties to even, as torch.round (rint in the default rounding mode): |y| < 2^23 is
+// rounded by adding and taking away 2^23 (the sum's last bit is the integer's), larger |y| is already integral;
+// the sign is put back (round(-0.3) = -0.0) and NaN passes through.
+static INLINE vf round_even(vf y) {
+    const vf big = splat(8388608.0f);  // 2^23
+    const vi sign = (vi)y & splat_i(INT32_MIN);
+    const vf a = (vf)((vi)y & splat_i(INT32_MAX));
+    const vf r = (a + big) - big;
+    const vf rounded = (vf)((vi)r | sign);
+    return a < big ? rounded : y;
+}
+
+// out = (clamp(round(x / s) + z, lo, hi) - z) * s over x[0..n), each step a float32 operation in the order torch's
+// ops run them (`quant.quantizers.fake_quantize`), so the result is bit-identical to them. With `monitor` the
+// error sums of `error_sums` in the same read (codes outside [lo, hi] counted before the clamp).
+HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, float s, float z, float lo, float hi,
+                                     bool monitor) {
+    ErrorSums found;
+    vf mx{};
+    const vf vs = splat(s), vz = splat(z), vlo = splat(lo), vhi = splat(hi);
+    constexpr int64_t SPAN = 4096;
+    for (int64_t a = 0; a < n; a += SPAN) {
+        const int64_t b = std::min(n, a + SPAN);
+        vf e2{}, r2{}, cl{};
+        int64_t i = a;
+        for (; i + L <= b; i += L) {
+            const vf v = load(x + i);
+            const vf raw = round_even(v / vs) + vz;
+            vf c = raw < vlo ? vlo : raw;  // NaN stays NaN, as in torch.clamp
+            c = c > vhi ? vhi : c;
+            const vf q = (c - vz) * vs;
+            std::memcpy(out + i, &q, sizeof q);
+            if (monitor) {
+                const vf e = q - v;
+                e2 += e * e;
+                r2 += v * v;
+                const vf ae = e < 0 ? -e : e;
+                mx = ae > mx ? ae : mx;
+                // two selects: GCC lowers an OR of two AVX-512 masks through memory (4x slower)
+                cl += raw < vlo ? splat(1.0f) : vf{};
+                cl += raw > vhi ? splat(1.0f) : vf{};
+            }
+        }
+        if (i < b) {  // the tail, through one padded vector
+            float tail[L] = {};
+            std::memcpy(tail, x + i, sizeof(float) * (b - i));
+            const vf v = load(tail);
+            const vf raw = round_even(v / vs) + vz;
+            vf c = raw < vlo ? vlo : raw;
+            c = c > vhi ? vhi : c;
+            const vf q = (c - vz) * vs;
+            std::memcpy(tail, &q, sizeof q);
+            std::memcpy(out + i, tail, sizeof(float) * (b - i));
+            if (monitor) {
+                for (int64_t l = 0; l < b - i; ++l) {
+                    const float e = q[l] - v[l];
+                    found.err2 += static_cast<double>(e) * e;
+                    found.ref2 += static_cast<double>(v[l]) * v[l];
+                    found.max_err = std::max(found.max_err, std::fabs(e));
+                    if (raw[l] < lo || raw[l] > hi) found.clipped += 1.0;
+                }
+            }
+        }
+        if (monitor) {
+            for (int64_t l = 0; l < L; ++l) {
+                found.err2 += e2[l];
+                found.ref2 += r2[l];
+                found.clipped += cl[l];
+            }
+        }
+    }
+    for (int64_t l = 0; l < L; ++l) found.max_err = std::max(found.max_err, mx[l]);
+    return found;
+}
+
+}  // namespace
+
+// Per-tensor uniform fake quantization of a float32 CPU tensor whose elements are dense in memory (any dense
+// layout: the output gets x's strides), in one parallel read; bit-identical to torch's ops. Returns [out] or, with
+// monitor, [out, (clipped, sum (out - x)^2, sum x^2, max |out - x|) float64]; an empty list when x is not dense
+// (the caller then uses torch's ops).
+std::vector<torch::Tensor> fake_quant(torch::Tensor x, double scale, double zero_point, double lo, double hi,
+                                      bool monitor) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "float32 CPU tensor only");
+    if (!x.is_non_overlapping_and_dense()) return {};
+    torch::Tensor out = torch::empty_like(x, at::MemoryFormat::Preserve);
+    TORCH_CHECK(out.strides() == x.strides(), "the output did not get x's layout");
+    const int64_t n = x.numel();
+    // dense with non-negative strides: the elements fill [data, data + n) in some order, the same for out
+    const float* px = x.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n / (1 << 15)));
+    std::vector<ErrorSums> found(parts);
+    const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+    const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    {
+        pybind11::gil_scoped_release no_gil;
+        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+                const int64_t a = n * p / parts, b = n * (p + 1) / parts;
+                found[p] = fake_quant_span(px + a, po + a, b - a, s, z, flo, fhi, monitor);
+            }
+        });
+    }
+    if (!monitor) return {out};
+    ErrorSums all;
+    for (const auto& f : found) {
+        all.clipped += f.clipped;
+        all.err2 += f.err2;
+        all.ref2 += f.ref2;
+        all.max_err = std::max(all.max_err, f.max_err);
+    }
+    return {out, torch::tensor({all.clipped, all.err2, all.ref2, static_cast<double>(all.max_err)},
+                               torch::TensorOptions().dtype(torch::kFloat64))};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("fake_quant", &fake_quant, "per-tensor uniform fake quantization (and its error sums) in one read");
     m.def("quant_error", &quant_error, "clipped codes, squared error, squared reference and max error in one read");
     m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
     m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)");
