@@ -69,11 +69,9 @@ def prepare(args):
     from sam2_layerwise.inputs import parse_prompts
     from sam2_layerwise.store.layout import check_output_dir
 
-    for flag, given, why in (("--viewer", getattr(args, "viewer", False), "the viewer shows single-image runs"),
-                             ("--single-mask", getattr(args, "single_mask", False),
-                              "in video mode SAM 2 chooses between one and three masks itself")):
-        if given:
-            raise InputError(f"is not available with --video ({why})", flag=flag)
+    if getattr(args, "single_mask", False):
+        raise InputError("is not available with --video (in video mode SAM 2 chooses between one and three masks "
+                         "itself)", flag="--single-mask")
     check_render_args(args)
     args.qat_config = load_qat_flag(args)
     sel = selection(args)
@@ -93,7 +91,7 @@ def capture_options(args, chosen, plan, **extra):
 
     every = args.query_stats == "all"
     return CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
-                          all_query_stats=every, keep_qkv=args.save_qkv or plan.active,
+                          all_query_stats=every, keep_qkv=args.save_qkv or plan.active or getattr(args, "viewer", False),
                           memory_mass="all" if every else (getattr(args, "memory_mass", None) or "sampled"),
                           layers=None if args.layers is None else tuple(chosen), **extra)
 
@@ -105,12 +103,14 @@ def run(args) -> int:
     from sam2_layerwise.api_video import capture_video
     from sam2_layerwise.cli.quantize import annotate_capture, build_for_capture
     from sam2_layerwise.cli.render import render_plan
-    from sam2_layerwise.cli.visualize import report_run
+    from sam2_layerwise.cli.visualize import _timed, report_run
+    from sam2_layerwise.geometry import ImageFrame
     from sam2_layerwise.model.video import video_overrides
     from sam2_layerwise.render.video import VideoRenderer
     from sam2_layerwise.store.image_run import OutputOptions
     from sam2_layerwise.store.layout import RunWriter
     from sam2_layerwise.store.video_run import VideoRunSink, write_video_run
+    from sam2_layerwise.viewer.export import VideoCaptureViewer
 
     setup_logging(args.quiet)
     source, prompts, prompt_index, out_dir = prepare(args)
@@ -130,8 +130,26 @@ def run(args) -> int:
         with RunWriter(out_dir) as writer:
             renderer = VideoRenderer(plan, source, prompts, prompt_index, image_size=int(loaded.model.image_size)) \
                 if plan.active else None
+            viewer = VideoCaptureViewer(writer, ImageFrame(source.width, source.height, int(loaded.model.image_size)),
+                                        prompts, qkv_saved=args.save_qkv) if getattr(args, "viewer", False) else None
+
+            def pictures(w, fc) -> dict:  # each frame's pictures and viewer maps, before the sink lightens it
+                files = renderer.frame(w, fc) if renderer else {}
+                if viewer:
+                    viewer.on_frame(w, fc)
+                return files
+
+            def finish(w) -> dict:
+                files = renderer.finish(w) if renderer else {}
+                if viewer:
+                    files.update(_timed(timing, "viewer", lambda: viewer.finish(cap, source, out_dir.name)))
+                    log.info("viewer: %s (opens from disk)%s", out_dir / files["viewer"],
+                             f"; clicks where q/k were saved: sam2-layerwise view {out_dir}" if args.save_qkv else
+                             " (with --save-qkv, 'sam2-layerwise view' also answers clicks on the photograph)")
+                return files
+
             sink = VideoRunSink(writer, source, prompts, prompt_index, opts,
-                                render=renderer.frame if renderer else None)
+                                render=pictures if renderer or viewer else None)
             with tqdm(total=len(source), desc="tracking", unit="frame", disable=True if args.quiet else None) as bar, \
                     (quant.monitoring() if quant else contextlib.nullcontext()):
 
@@ -151,7 +169,7 @@ def run(args) -> int:
                 command=["sam2-layerwise", *getattr(args, "argv", [])], sink=sink,
                 extra_summary={"timing_s": timing, **({"render": plan.to_dict()} if plan.active else {}),
                                **annotate_capture(cap, quant)},
-                before_summary=renderer.finish if renderer else None)
+                before_summary=finish)
     report_run(summary, cap, t_capture, writer, out_dir, loaded.random_init)
     mem = [f for f in summary["frames"]["list"] if f.get("memory")]
     log.info("memory attention on %d of %d frames; keys segmented by frame%s", len(mem), len(source),

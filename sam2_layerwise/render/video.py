@@ -47,6 +47,21 @@ def segment_values(probs_row: np.ndarray, seg: dict, pooling: dict | None) -> tu
     return probs_row[seg["start"]:seg["stop"]], None
 
 
+def memory_grids(values: np.ndarray, segs: list[dict], pooling: dict | None,
+                 query_grid_hw) -> list[tuple[dict, np.ndarray, float]]:
+    """One memory cross-attention row [K] (one query, one head or the head mean; possibly pooled per segment)
+    over each frame's memory: (segment, values on that frame's token grid [h, w] (a probability per key token;
+    pooled cells spread over their tokens), the segment's share of the row) for every `memory` segment."""
+    out = []
+    for s in segs:
+        if s["kind"] != "memory":
+            continue
+        vals, seg_pooling = segment_values(values, s, pooling)
+        hw = tuple(s.get("grid_hw") or query_grid_hw)
+        out.append((s, place_on_grid(vals, [0, hw[0], 0, hw[1]], hw, seg_pooling), float(vals.sum())))
+    return out
+
+
 @dataclass
 class VideoRenderer:
     """Draws a video run's pictures; `frame(writer, frame_capture)` per frame, `finish(writer)` at the end."""
@@ -124,13 +139,7 @@ class VideoRenderer:
         opts = self.plan.maps
         for qi, q in enumerate(v.queries[:opts.max_queries]):
             for head, values in _heads(v.probs[qi], opts.per_head):  # values [K] fp32
-                spatial = []
-                for s in segs:
-                    vals, pooling = segment_values(values, s, v.key_pooling)
-                    if s["kind"] == "memory":
-                        hw = tuple(s.get("grid_hw") or (gh, gw))
-                        grid = place_on_grid(vals, [0, hw[0], 0, hw[1]], hw, pooling)
-                        spatial.append((s, grid, float(vals.sum())))
+                spatial = memory_grids(values, segs, v.key_pooling, (gh, gw))
                 vmax = max((float(np.nanmax(g)) for _, g, _ in spatial), default=0.0)
                 tag, words = _head_tag(head), _head_words(head)
                 for s, grid, mass in spatial:

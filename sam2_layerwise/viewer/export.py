@@ -20,6 +20,13 @@ A map entry (one query of one attention call, both sides):
     token (where the query sits: cell, grid_hw, group, index, pixel_box, key_block, source_cells, window_rc),
     query_box / query_cells / marks (what the PNG renderer outlines), notes per side (recomputed, pooled),
     heads: [{head: null (mean) | h, fp: b64, q: b64}].
+
+Video runs (`visualize --video --viewer`, `generate` on a `compare --video` run) add `viewer_data/frames/
+frame_<i>.jpg` (every selected frame), masks per frame (`masks/<side>_<i>.png`, i = frame), the index's `video`
+section (frames: index, name, source index, direction, what SAM 2's memory held) and `frame` on every layer.
+A memory cross-attention map has display "memory": `segments` in key order (label mem_f<j> / ptr_f<j> /
+no_memory, kind, frame, conditioning, age, grid_hw, and its `offset`/`length` in the values), the values being
+each memory frame's attention on that frame's token grid (`render.video.memory_grids`), then the pointer tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from sam2_layerwise.geometry import HieraLayerGeometry, ImageFrame
-from sam2_layerwise.render.maps import AttentionMap, MapOptions, RecordView, build_maps
+from sam2_layerwise.render.maps import AttentionMap, MapOptions, RecordView, _heads, build_maps
 from sam2_layerwise.store.atomic import atomic_write_bytes
 
 log = logging.getLogger("sam2_layerwise")
@@ -150,6 +157,8 @@ def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> lis
     """Every map of one attention call for each side ("fp", and "q" when present), paired by name and grouped
     by query: head mean first, then every head."""
     sides = list(views)
+    if views[sides[0]].geometry.get("keys") == "memory":
+        return memory_entries(views)
     maps = {side: build_maps(v, frame, MAP_OPTIONS, prompts=prompts) for side, v in views.items()}
     by_name = {side: {m.name: m for m in ms} for side, ms in maps.items()}
     specs = {q["label"]: q for q in views[sides[0]].queries}
@@ -167,20 +176,69 @@ def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> lis
     return list(entries.values())
 
 
+def memory_layout(segments: list[dict], query_grid_hw) -> list[dict]:
+    """The page's view of a memory call's key segments: where each one's values sit in a map's values (a memory
+    frame: its whole token grid, row-major; pointer tokens and SAM 2's no-memory token: one value each)."""
+    out, at = [], 0
+    for seg in segments:
+        hw = list(seg.get("grid_hw") or query_grid_hw) if seg["kind"] == "memory" else None
+        length = hw[0] * hw[1] if hw else int(seg["stop"]) - int(seg["start"])
+        out.append({"label": str(seg["label"])[:60], "kind": seg["kind"], "frame": seg.get("frame"),
+                    "conditioning": seg.get("conditioning"), "age": seg.get("age"), "grid_hw": hw,
+                    "name": str(seg["name"])[:200] if seg.get("name") is not None else None,
+                    "offset": at, "length": length})
+        at += length
+    return out
+
+
+def memory_entries(views: dict[str, RecordView]) -> list[dict]:
+    """The maps of one memory cross-attention call for each side: per selected query, the head mean then every
+    head, values laid out as `memory_layout` says (each memory frame on its own grid, as the PNG panels draw it)."""
+    from sam2_layerwise.render.video import memory_grids, segment_values
+
+    sides = list(views)
+    first = views[sides[0]]
+    geo = first.geometry
+    segs, grid_hw = geo["key_segments"], geo["query_grid_hw"]
+    layout = memory_layout(segs, grid_hw)
+    notes = {side: ("recomputed from q/k" + (" (without the kernel's probability quantizer)"
+                                             if v.probs_transformed else "")) if v.recomputed else ""
+             for side, v in views.items()}
+    entries = []
+    for qi, spec in enumerate(first.queries):
+        cell = spec.get("cell")
+        entry = {"label": spec["label"], "kind": "query", "display": "memory",
+                 "token": token_info(first.kind, geo, spec), "query_box": spec.get("pixel_box"),
+                 "query_cells": [cell[0], cell[0] + 1, cell[1], cell[1] + 1] if cell else None, "window": None,
+                 "marks": [], "segments": layout, "notes": {k: v for k, v in notes.items() if v}, "heads": []}
+        per_side = {side: _heads(v.probs[qi], per_head=True) for side, v in views.items()}  # [(head, [K])]
+        for n, (head, _) in enumerate(per_side[sides[0]]):
+            row = {"head": head}
+            for side, heads in per_side.items():
+                values, pooling = heads[n][1], views[side].key_pooling
+                grids = {seg["label"]: grid for seg, grid, _ in memory_grids(values, segs, pooling, grid_hw)}
+                parts = [grids[seg["label"]].reshape(-1) if seg["kind"] == "memory"
+                         else segment_values(values, seg, pooling)[0] for seg in segs]
+                row[side] = b64(np.concatenate(parts))
+            entry["heads"].append(row)
+        entries.append(entry)
+    return entries
+
+
 def click_support(kind: str, full: bool, qkv: dict | None, geometry: dict, frame: ImageFrame) -> dict:
     """What a click on the photograph can compute at this call: "any" place (every group saved), "saved"
     windows only (their key blocks, and the original-pixel boxes they cover), "none" (no q/k saved) or "tokens"
     (queries are decoder tokens)."""
     if kind in TOKEN_KINDS:
         return {"mode": "tokens"}
-    if not (kind.startswith("hiera") or kind == "decoder_image_to_token"):
+    if not kind.startswith(("hiera", "memory", "decoder_image_to_token")):
         return {"mode": "none"}
     if full:
         return {"mode": "any"}
     if not qkv:
         return {"mode": "none"}
     groups = [int(g) for g in qkv.get("groups", [])]
-    if kind == "decoder_image_to_token" or (kind.startswith("hiera") and not geometry.get("window")):
+    if not kind.startswith("hiera") or not geometry.get("window"):  # one group: the whole grid
         return {"mode": "any" if 0 in groups else "none"}
     hg = HieraLayerGeometry.from_dict(geometry)
     blocks = [list(hg.key_rows_cols(g)) for g in groups if g < hg.groups]
@@ -259,24 +317,28 @@ class ViewerWriter:
             self.write(name if name == "index.html" else f"{DATA}/{name}", data)
 
 
-def layer_label(name: str, layer_key: str, call_index: int, kind: str) -> str:
-    """The readable layer name the analysis tables and plots use (`trunk.blocks.12 (global)`)."""
+def layer_label(name: str, layer_key: str, call_index: int, kind: str, frame: int | None = None) -> str:
+    """The readable layer name the analysis tables and plots use (`trunk.blocks.12 (global)`); in a video run
+    the frame the call ran on instead of the call index (`memory_attention.layers.0.cross_attn_image (mem cross)
+    · frame 3`)."""
     from sam2_layerwise.analysis.generate import LayerPair
 
-    return LayerPair(order=0, layer_key=layer_key, call_index=call_index, name=name, kind=kind, heads=0,
-                     fp={}, q={}).label
+    label = LayerPair(order=0, layer_key=layer_key, call_index=0 if frame is not None else call_index, name=name,
+                      kind=kind, heads=0, fp={}, q={}).label
+    return label if frame is None else f"{label} · frame {frame}"
 
 
-def write_layers(vw: ViewerWriter, calls: list[dict], frame: ImageFrame, prompts) -> list[dict]:
-    """calls: [{key, call, name, kind, heads, views {side: RecordView | None}, click}] in model order ->
-    the index's layer list; each call's maps go to `layers/L<i>.js`."""
+def write_layers(vw: ViewerWriter, calls: list[dict], frame: ImageFrame, prompts, start: int = 0) -> list[dict]:
+    """calls: [{key, call, name, kind, heads, views {side: RecordView | None}, click, frame (video runs)}] in
+    model order -> the index's layer list; each call's maps go to `layers/L<i>.js` (i from `start`)."""
     layers = []
-    for i, c in enumerate(calls):
+    for i, c in enumerate(calls, start):
         ident = f"L{i:03d}"
         views = {side: v for side, v in c["views"].items() if v is not None}
         entries = map_entries(views, frame, prompts) if len(views) == len(c["views"]) and views else []
         geo = c["geometry"]
-        data = {"id": ident, "key": c["key"], "call": c["call"], "kind": c["kind"], "heads": c["heads"],
+        data = {"id": ident, "key": c["key"], "call": c["call"], "frame": c.get("frame"), "kind": c["kind"],
+                "heads": c["heads"],
                 "geometry": {k: geo.get(k) for k in ("keys", "key_grid_hw", "padded_key_grid_hw", "query_grid_hw",
                                                      "window", "q_stride", "windows_hw", "query_roles", "key_roles")},
                 "maps": entries}
@@ -284,8 +346,8 @@ def write_layers(vw: ViewerWriter, calls: list[dict], frame: ImageFrame, prompts
         if entries:
             vw.write(f"{DATA}/layers/{ident}.js", js_file("layer", ident, data))
             file = vw.rel(f"layers/{ident}.js")
-        layers.append({"id": ident, "key": c["key"], "call": c["call"], "label": c["label"], "kind": c["kind"],
-                       "heads": c["heads"], "file": file, "click": c["click"],
+        layers.append({"id": ident, "key": c["key"], "call": c["call"], "frame": c.get("frame"), "label": c["label"],
+                       "kind": c["kind"], "heads": c["heads"], "file": file, "click": c["click"],
                        "queries": [e["label"] for e in entries],
                        "note": None if entries else "no attention saved for this call"})
     return layers
@@ -308,6 +370,48 @@ def write_pictures(vw: ViewerWriter, photo, photo_note: str | None, frame: Image
             side["masks"].append({"src": vw.rel(name), "index": i, "area": float(m.mean()),
                                   "pred_iou": ious[i] if i < len(ious) else None})
     return {"src": vw.rel("photo.jpg"), "width": size[0], "height": size[1], "note": photo_note}
+
+
+def _whole_or_none(v, hi: int | None = None):
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (hi is None or v < hi)
+    return v if ok else None
+
+
+def frame_items(section) -> list[dict]:
+    """The summary's (untrusted) `frames` section as the page's frame list: each field checked, names cut short;
+    a section that names no frame of its own is an empty list."""
+    items = (section or {}).get("list") if isinstance(section, dict) else None
+    out = []
+    for i, f in enumerate(items if isinstance(items, list) else []):
+        if not isinstance(f, dict) or f.get("index") != i:
+            raise ValueError(f"frames.list[{i}] is not frame {i}")
+        mem = f.get("memory") if isinstance(f.get("memory"), dict) else None
+        frames_of = (lambda key: [x for x in mem.get(key) or [] if _whole_or_none(x) is not None][:64]) if mem \
+            else None
+        out.append({"index": i, "name": str(f.get("name"))[:200], "source_index": _whole_or_none(f.get("source_index")),
+                    "direction": f.get("direction") if f.get("direction") in ("prompt", "forward", "backward") else None,
+                    "tracked": f.get("tracked") is True,
+                    "memory": {"memory_frames": frames_of("memory_frames"),
+                               "conditioning_frames": frames_of("conditioning_frames"),
+                               "pointer_frames": frames_of("pointer_frames"),
+                               "verified": mem.get("verified") is True} if mem else None})
+    return out
+
+
+def write_video_pictures(vw: ViewerWriter, section: dict, image_of, note: str | None, frame: ImageFrame,
+                         sides: list[dict]) -> tuple[dict, dict]:
+    """A video run's pictures: every selected frame as `frames/frame_<i>.jpg`, each side's mask of every frame
+    (`sides[..]["mask_arrays"]` [T, H, W]: masks/<side>_<i>.png, i = frame) and photo.jpg (the prompt frame).
+    `image_of(i)`: frame i as HWC uint8, or None (grey stand-ins). Returns the index's photo and video entries."""
+    frames = frame_items(section)
+    prompt = _whole_or_none(section.get("prompt_frame"), len(frames)) or 0
+    photo_entry = write_pictures(vw, image_of(prompt) if image_of else None, note, frame, sides)
+    for f in frames:
+        jpeg, _ = photo_jpeg(image_of(f["index"]) if image_of else None, frame)
+        name = f"frames/frame_{f['index']:04d}.jpg"
+        vw.write(f"{DATA}/{name}", jpeg)
+        f["photo"] = vw.rel(name)
+    return photo_entry, {"frames": frames, "prompt_frame": prompt, "note": note}
 
 
 def heatmap_table(rows: list[dict], layers: list[dict], columns) -> dict:
@@ -432,27 +536,44 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
     views = {h.side: {(v.layer_key, v.call_index): v for v in saved_views(h.saved)} for h in vrun.halves}
     calls = []
     full = run.mode == "full"
+    video = vrun.halves[0].summary.get("mode") == "video"
     for key, call in vrun.order:
         entry = vrun.halves[0].entries[(key, call)]
         side_views = {h.side: views[h.side].get((key, call)) for h in vrun.halves}
         fp_view = side_views["fp"]
         has_full = full and all("full" in (h.entries[(key, call)].get("files") or {}) for h in vrun.halves)
+        at = _call_frame(entry, vrun) if video else None
         calls.append({"key": key, "call": call, "name": entry.get("name", key), "kind": entry["kind"],
-                      "heads": entry["heads"], "geometry": entry["geometry"], "views": side_views,
-                      "label": layer_label(entry.get("name", key), key, call, entry["kind"]),
+                      "heads": entry["heads"], "geometry": entry["geometry"], "views": side_views, "frame": at,
+                      "label": layer_label(entry.get("name", key), key, call, entry["kind"], at),
                       "click": click_support(entry["kind"], has_full, fp_view.qkv if fp_view else None,
                                              entry["geometry"], vrun.frame)})
     del views
     if full:
         _image_to_token_qkv(vrun, calls)
     layers = write_layers(vw, calls, vrun.frame, vrun.prompts)
-    photo, note = _compare_photo(run, vrun.frame)
     sides = []
     for h in vrun.halves:
         masks, ious = _load_masks(run, "original" if h.side == "fp" else "quantized", h.summary, vrun.frame)
         sides.append({"id": h.side, "title": h.title, "mask_arrays": masks, "pred_iou": ious,
                       "best": (h.summary.get("prediction") or {}).get("best")})
-    photo_entry = write_pictures(vw, photo, note, vrun.frame, sides)
+    video_entry = None
+    if video:
+        source, note = _compare_frames(run, vrun)
+        try:
+            photo_entry, video_entry = write_video_pictures(vw, vrun.halves[0].summary.get("frames"),
+                                                            source.image if source else None, note, vrun.frame, sides)
+        except ValueError as exc:  # the summary's frames section is malformed
+            from sam2_layerwise.errors import InputError
+
+            raise InputError(f"original/layerwise_summary.json: {exc}", flag="--run_dir",
+                             value=str(run.run_dir)) from None
+        finally:
+            if source is not None:
+                source.close()
+    else:
+        photo, note = _compare_photo(run, vrun.frame)
+        photo_entry = write_pictures(vw, photo, note, vrun.frame, sides)
     models = run.manifest.get("models") or {}
     index = {
         "kind": "compare", "mode": run.mode, "title": f"{run.run_dir.name}: float vs quantized ({run.mode} mode)",
@@ -464,10 +585,41 @@ def write_compare_viewer(run, result: dict, writer, out: str) -> list[str]:
         "heatmap": heatmap_table(result["heads"], layers, COMPARE_COLUMNS), "heatmap_default": "js_mean",
         "scope": result["heads"][0]["scope"] if result["heads"] else None,
         "ranking": result["ranking"], "impact": result["impact"], "topk": result.get("k"),
-        "attribution": attribution_entry(result.get("attribution"), layers),
+        "attribution": attribution_entry(result.get("attribution"), layers), "video": video_entry,
     }
     write_index(vw, index)
     return vw.files
+
+
+def _call_frame(entry: dict, vrun) -> int:
+    """The frame a video run's attention call ran on (untrusted: a whole number among the run's frames)."""
+    from sam2_layerwise.errors import InputError
+
+    count = ((vrun.halves[0].summary.get("frames") or {}).get("count"))
+    at = _whole_or_none(entry.get("frame"), count if isinstance(count, int) else None)
+    if at is None:
+        raise InputError(f"{entry['layer_key']} call {entry.get('call_index', 0)} names no frame of the run "
+                         f"({entry.get('frame')!r})", flag="--run_dir", value=str(vrun.run_dir))
+    return at
+
+
+def _compare_frames(run, vrun):
+    """The frames the halves were captured on (`render.video.open_saved_frames`: the same selection, names and
+    size), if they are still there and unchanged (the input's SHA-256 in the manifest); else (None, a note)."""
+    from sam2_layerwise.errors import LayerwiseError
+    from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
+    from sam2_layerwise.render.video import open_saved_frames
+
+    path = (run.manifest.get("image") or {}).get("video")
+    try:
+        source = open_saved_frames(vrun.halves[0].saved, None, DEFAULT_MAX_PIXELS)
+    except LayerwiseError as exc:
+        return None, f"the frames of {path} cannot be shown ({exc.detail}); shown on grey"
+    sha = (run.manifest.get("image") or {}).get("sha256")
+    if sha and source.sha256() != sha:
+        source.close()
+        return None, f"the video {path} changed since the capture (SHA-256 differs); frames shown on grey"
+    return source, None
 
 
 write_viewer = write_compare_viewer  # generate's entry point, by its general name
@@ -526,32 +678,93 @@ def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
 
 
 # -- a single visualize run -----------------------------------------------------------------------------------
+def _capture_call(r, frame: ImageFrame, qkv_saved: bool, at: int | None = None) -> dict:
+    """One record of a capture in memory as `write_layers` takes it (`at`: its frame in a video run)."""
+    return {"key": r.layer_key, "call": r.call_index, "name": r.name, "kind": r.kind, "heads": r.heads,
+            "geometry": r.geometry, "views": {"fp": RecordView.from_record(r)}, "frame": at,
+            "label": layer_label(r.name, r.layer_key, r.call_index, r.kind, at),
+            "click": click_support(r.kind, False, r.qkv if qkv_saved else None, r.geometry, frame)}
+
+
+def _stat_rows(r) -> tuple[list[dict], bool]:
+    """The heatmap's rows of one record: per head, the capture's statistics over every query (`head_stats`), or,
+    where it computed none (video mode's default), the mean over the selected queries. Returns (rows, over every
+    query)."""
+    every = bool(r.head_stats)
+    rows = []
+    for h in range(r.heads):
+        if every:
+            values = {stat: (r.head_stats.get(stat) or {}).get("mean", [None] * r.heads)[h] for stat, _, _ in
+                      SINGLE_COLUMNS}
+        else:
+            sel = r.selected_stats or []
+            values = {stat: (sum(q[stat][h] for q in sel) / len(sel) if sel and all(stat in q for q in sel) else None)
+                      for stat, _, _ in SINGLE_COLUMNS}
+        rows.append({"layer_key": r.layer_key, "call_index": r.call_index, "head": h, **values})
+    return rows, every
+
+
+def _single_index(cap, layers: list[dict], rows: list[dict], every: bool, title: str | None, photo_entry: dict,
+                  sides: list[dict], video: dict | None = None) -> dict:
+    return {
+        "kind": "single", "mode": None, "title": title or "one model", "frame": cap.frame.to_dict(),
+        "photo": photo_entry, "prompts": cap.prompts.to_dict(), "sides": sides, "layers": layers,
+        "heatmap": heatmap_table(rows, layers, SINGLE_COLUMNS), "heatmap_default": "entropy_norm",
+        "scope": "every query (the capture's statistics)" if every else "the selected queries (the capture's "
+                 "statistics of each; capture with --query-stats all for every query)",
+        "ranking": None, "impact": None, "video": video,
+    }
+
+
 def write_capture_viewer(writer, cap, image: np.ndarray, *, qkv_saved: bool, out: str = "viewer",
                          title: str | None = None) -> dict:
     """The viewer of one capture (`visualize --viewer`), from the records in memory, written into `out/`
     of the run. `qkv_saved`: the run saves q/k/v (then `view` recomputes clicks in the saved windows)."""
     vw = ViewerWriter(writer, out)
-    calls, rows = [], []
+    calls, rows, every = [], [], True
     for r in cap.attention:
-        view = RecordView.from_record(r)
-        calls.append({"key": r.layer_key, "call": r.call_index, "name": r.name, "kind": r.kind, "heads": r.heads,
-                      "geometry": r.geometry, "views": {"fp": view},
-                      "label": layer_label(r.name, r.layer_key, r.call_index, r.kind),
-                      "click": click_support(r.kind, False, r.qkv if qkv_saved else None, r.geometry, cap.frame)})
-        for h in range(r.heads):
-            rows.append({"layer_key": r.layer_key, "call_index": r.call_index, "head": h,
-                         **{stat: (r.head_stats.get(stat) or {}).get("mean", [None] * r.heads)[h]
-                            for stat, _, _ in SINGLE_COLUMNS}})
+        calls.append(_capture_call(r, cap.frame, qkv_saved))
+        got, all_queries = _stat_rows(r)
+        rows += got
+        every = every and all_queries
     layers = write_layers(vw, calls, cap.frame, cap.prompts)
     pred = cap.prediction
     sides = [{"id": "fp", "title": "model", "mask_arrays": np.asarray(pred.masks, dtype=bool),
               "pred_iou": [_num(v) for v in np.asarray(pred.iou_predictions).tolist()], "best": int(pred.best)}]
     photo_entry = write_pictures(vw, image, None, cap.frame, sides)
-    index = {
-        "kind": "single", "mode": None, "title": title or "one model", "frame": cap.frame.to_dict(),
-        "photo": photo_entry, "prompts": cap.prompts.to_dict(), "sides": sides, "layers": layers,
-        "heatmap": heatmap_table(rows, layers, SINGLE_COLUMNS), "heatmap_default": "entropy_norm",
-        "scope": "every query (the capture's statistics)", "ranking": None, "impact": None,
-    }
-    write_index(vw, index)
+    write_index(vw, _single_index(cap, layers, rows, every, title, photo_entry, sides))
     return {"viewer": f"{vw.out}/index.html"}
+
+
+class VideoCaptureViewer:
+    """`visualize --video --viewer`: the viewer of a video capture, written frame by frame while SAM 2 tracks
+    (`frame`, from the run's frame sink: each call's maps while its record still holds q/k, before the sink
+    lightens it), then the frames, masks and index (`finish`, once tracking is done)."""
+
+    def __init__(self, writer, frame: ImageFrame, prompts, *, qkv_saved: bool, out: str = "viewer"):
+        self.vw = ViewerWriter(writer, out)
+        self.frame, self.prompts, self.qkv_saved = frame, prompts, qkv_saved
+        self.layers: list[dict] = []
+        self.rows: list[dict] = []
+        self.every = True
+
+    def on_frame(self, writer, fc) -> dict:
+        calls = [_capture_call(r, self.frame, self.qkv_saved, fc.index) for r in fc.attention]
+        self.layers += write_layers(self.vw, calls, self.frame, self.prompts, start=len(self.layers))
+        for r in fc.attention:
+            got, every = _stat_rows(r)
+            self.rows += got
+            self.every = self.every and every
+        return {}
+
+    def finish(self, cap, source, title: str | None = None) -> dict:
+        """`cap`: the VideoCapture; `source`: its frames (frames.VideoSource)."""
+        from sam2_layerwise.store.video_run import frames_section
+
+        preds = sorted(cap.prediction.frames, key=lambda f: f.index)
+        sides = [{"id": "fp", "title": "model", "mask_arrays": np.stack([f.mask for f in preds]),
+                  "pred_iou": [_num(f.iou) for f in preds], "best": None}]
+        photo_entry, video = write_video_pictures(self.vw, frames_section(cap, None), source.image, None, self.frame,
+                                                  sides)
+        write_index(self.vw, _single_index(cap, self.layers, self.rows, self.every, title, photo_entry, sides, video))
+        return {"viewer": f"{self.vw.out}/index.html"}

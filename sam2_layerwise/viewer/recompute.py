@@ -169,7 +169,7 @@ class Recomputer:
             return {"label": "click", "group": group, "index": index, "cell": [row, col],
                     "pixel_box": frame.token_box(row, col, oh, ow), "key_block": list(hg.key_rows_cols(group)),
                     "source_cells": list(hg.query_source_cells(group, index)) if hg.q_stride > 1 else None}
-        if kind == "decoder_image_to_token":
+        if kind == "decoder_image_to_token" or kind.startswith("memory"):  # one group: the frame's token grid
             gh, gw = geo["query_grid_hw"]
             row, col = frame.token_at(x, y, gh, gw)
             return {"label": "click", "group": 0, "index": row * gw + col, "cell": [row, col],

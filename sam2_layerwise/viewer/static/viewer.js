@@ -6,6 +6,11 @@
  * the attention of any clicked place. Every map arrives already placed on its key grid by the Python renderer's
  * code; here cell (r, c) of a real grid (h, w) is drawn over photo pixels [c*W/w, (c+1)*W/w) x [r*H/h, (r+1)*H/h)
  * (nearest neighbour, as the PNG overlays). Text from files goes through textContent only.
+ *
+ * A video run (index.video) adds a frame selector: the photograph, masks, heatmap rows and layer list are those of
+ * the selected frame; a memory cross-attention call draws the query's attention over each memory frame on that
+ * frame's own photograph (viewer_data/frames/), its own frame first with the query marked, and the object
+ * pointers' share as a bar.
  */
 (function () {
   "use strict";
@@ -103,7 +108,8 @@
   // -- state ----------------------------------------------------------------------------------------------
   const S = {
     index: null, server: false, cm: {}, photo: null, masks: {}, layersById: new Map(),
-    sel: { layer: null, head: null, query: null, metric: null, mask: 0 },
+    video: null, frameImgs: new Map(),  // a video run: its frames, and each frame's photograph once loaded
+    sel: { layer: null, head: null, query: null, metric: null, mask: 0, frame: null },
     click: null,  // {x, y, layer, call, entry | null, token | null, message}
     seq: 0,
   };
@@ -143,6 +149,7 @@
       return;
     }
     S.index = index;
+    S.video = index.video && Array.isArray(index.video.frames) && index.video.frames.length ? index.video : null;
     for (const [k, v] of Object.entries(index.cmaps)) S.cm[k] = lut(v);
     for (const l of index.layers) S.layersById.set(l.id, l);
     S.units = new Map(((index.attribution || {}).units || []).map((u) => [u.unit, u]));
@@ -153,6 +160,8 @@
       } catch (e) { S.server = false; }
     }
     header();
+    const first = firstSelection();
+    if (S.video) frameControls(first ? S.layersById.get(first.layer).frame : S.video.prompt_frame);
     heatmapControls();
     drawHeatmap();
     document.body.dataset.heatmapMs = String(Math.round(performance.now()));  // since navigation (benchmarks)
@@ -164,8 +173,8 @@
     document.body.dataset.ready = "1";
     status("");
     await loadPhoto();
+    if (S.video) await framePhoto(S.sel.frame);
     drawPhoto();
-    const first = firstSelection();
     if (first) await selectLayer(first.layer, first.head, null);
     document.body.dataset.loaded = "1";
   }
@@ -192,6 +201,7 @@
     if (ix.models && ix.models.q) parts.push("Q " + (ix.models.q.checkpoint || "?"));
     if (ix.quantization) parts.push("quantization " + ix.quantization);
     parts.push(ix.frame.orig_w + "x" + ix.frame.orig_h + " px at " + ix.frame.image_size);
+    if (S.video) parts.push("video: " + S.video.frames.length + " frames, clicks on frame " + S.video.prompt_frame);
     $("subtitle").textContent = parts.join(" · ");
     $("mode-badge").textContent = S.server
       ? "served by sam2-layerwise view: click anywhere on the photograph"
@@ -225,11 +235,36 @@
     const jobs = [loadImage(p.src).then((img) => { S.photo = img; })];
     for (const s of S.index.sides) {
       S.masks[s.id] = [];
+      if (S.video) continue;  // one mask per frame: loaded with its frame (framePhoto)
       s.masks.forEach((m, i) => jobs.push(loadImage(m.src).then((img) => { S.masks[s.id][i] = img; })));
     }
     await Promise.all(jobs);
     if (!S.photo) status("Cannot load the photograph " + p.src, true);
     $("photo-note").textContent = p.note || "";
+  }
+
+  // The photograph shown: the selected frame's in a video run.
+  function currentPhoto() { return S.video ? S.frameImgs.get(S.sel.frame) || null : S.photo; }
+
+  // A frame's photograph and each side's mask on it, loaded once (a promise of the photograph).
+  function framePhoto(f) {
+    if (!S.video || !Number.isInteger(f) || f < 0 || f >= S.video.frames.length) return Promise.resolve(null);
+    if (S.frameImgs.has(f)) return Promise.resolve(S.frameImgs.get(f));
+    const fr = S.video.frames[f];
+    const jobs = S.index.sides.map((s) => (s.masks[f] ? loadImage(s.masks[f].src).then((img) => { S.masks[s.id][f] = img; }) : null));
+    jobs.push(loadImage(fr.photo).then((img) => {
+      S.frameImgs.set(f, img);
+      if (!img) status("Cannot load frame " + f + ": " + fr.photo, true);
+    }));
+    return Promise.all(jobs).then(() => S.frameImgs.get(f));
+  }
+
+  // The frames a layer's maps are drawn on: its own, and the memory frames of a memory cross-attention.
+  function ensurePhotos(layer, maps) {
+    if (!S.video || !layer) return Promise.resolve();
+    const want = new Set([layer.frame]);
+    for (const m of maps || []) for (const seg of m.segments || []) if (seg.kind === "memory") want.add(seg.frame);
+    return Promise.all([...want].map(framePhoto));
   }
 
   function toPhoto(x, y) { return [x * S.photoW / S.index.frame.orig_w, y * S.photoH / S.index.frame.orig_h]; }
@@ -273,7 +308,8 @@
     const c = $("photo");
     c.width = S.photoW; c.height = S.photoH;
     const ctx = c.getContext("2d");
-    if (S.photo) ctx.drawImage(S.photo, 0, 0, S.photoW, S.photoH);
+    const photo = currentPhoto();
+    if (photo) ctx.drawImage(photo, 0, 0, S.photoW, S.photoH);
     const alpha = parseFloat($("mask-opacity").value);
     for (const side of sides()) {
       const box = $(side === "fp" ? "mask-fp" : "mask-q");
@@ -309,8 +345,9 @@
       const tags = S.index.sides.filter((s) => s.best === i).map((s) => (isCompare() ? s.id.toUpperCase() : "") + " best");
       sel.appendChild(el("option", { value: String(i), text: "mask " + i + (tags.length ? " (" + tags.join(", ").trim() + ")" : "") }));
     }
-    S.sel.mask = fp && typeof fp.best === "number" ? fp.best : 0;
+    S.sel.mask = S.video ? S.sel.frame : fp && typeof fp.best === "number" ? fp.best : 0;
     sel.value = String(S.sel.mask);
+    $("mask-index-label").hidden = !!S.video;  // a video run: one mask per frame, the selected frame's
     sel.addEventListener("change", () => { S.sel.mask = parseInt(sel.value, 10); drawPhoto(); markImpactRow(); });
     for (const id of ["mask-fp", "mask-q", "show-prompts"]) $(id).addEventListener("change", drawPhoto);
     $("mask-opacity").addEventListener("input", drawPhoto);
@@ -336,7 +373,7 @@
         el("td", { text: String(i) + (s.best === i ? " (best)" : "") }), el("td", { text: fmt(m.pred_iou) }),
         el("td", { text: fmt(m.area * 100, 3) + "%" })]));
       box.appendChild(el("table", { id: "impact-table" }, [
-        el("thead", {}, [el("tr", {}, [el("th", { text: "mask" }), el("th", { text: "predicted IoU" }), el("th", { text: "area" })])]),
+        el("thead", {}, [el("tr", {}, [el("th", { text: S.video ? "frame" : "mask" }), el("th", { text: "predicted IoU" }), el("th", { text: "area" })])]),
         el("tbody", {}, rows)]));
     } else if (ix.impact) {
       const imp = ix.impact;
@@ -348,12 +385,16 @@
         el("td", { text: fmt(m.pred_iou_fp) }), el("td", { text: fmt(m.pred_iou_q) }), el("td", { text: fmt(m.pred_iou_change, 3) }),
       ]));
       box.appendChild(el("table", { id: "impact-table" }, [
-        el("thead", {}, [el("tr", {}, ["mask", "IoU FP vs Q", "area FP", "area Q", "pred. IoU FP", "pred. IoU Q", "Δ pred. IoU"]
+        el("thead", {}, [el("tr", {}, [S.video ? "frame" : "mask", "IoU FP vs Q", "area FP", "area Q", "pred. IoU FP", "pred. IoU Q", "Δ pred. IoU"]
           .map((t) => el("th", { text: t })))]),
         el("tbody", {}, rows)]));
       const ch = imp.chosen;
-      box.appendChild(el("p", { id: "impact-chosen", text: "Chosen mask (highest predicted IoU): FP " + ch.fp + ", Q " + ch.q +
-        (ch.changed ? " (CHANGED)" : " (same)") + "; IoU of the two chosen masks " + fmt(ch.iou) + "." }));
+      if (S.video) {
+        box.appendChild(el("p", { id: "impact-chosen", text: "One row per frame: the mask SAM 2 kept on that frame in each model, and the IoU of the two." }));
+      } else {
+        box.appendChild(el("p", { id: "impact-chosen", text: "Chosen mask (highest predicted IoU): FP " + ch.fp + ", Q " + ch.q +
+          (ch.changed ? " (CHANGED)" : " (same)") + "; IoU of the two chosen masks " + fmt(ch.iou) + "." }));
+      }
       const lg = imp.logits || {};
       box.appendChild(el("p", { cls: "note", text: "Low-res logits: max |Δ| " + fmt(lg.max_abs_error) + ", mean |Δ| " +
         fmt(lg.mean_abs_error) + ", sign agreement " + fmt(lg.sign_agreement) + ". Mean IoU over outputs " + fmt(imp.iou_mean) + "." }));
@@ -363,6 +404,7 @@
     box.addEventListener("click", (ev) => {
       const tr = ev.target.closest("tr[data-mask]");
       if (!tr) return;
+      if (S.video) { selectFrame(parseInt(tr.dataset.mask, 10)); return; }
       S.sel.mask = parseInt(tr.dataset.mask, 10);
       $("mask-index").value = tr.dataset.mask;
       drawPhoto(); markImpactRow();
@@ -445,12 +487,13 @@
       return;
     }
     const values = hm.values[col.key];
-    const sc = metricScale(col, values);
+    const sc = metricScale(col, values);  // one scale over every frame's calls: frames compare by colour
     box.style.gridTemplateColumns = "minmax(120px, max-content) repeat(" + hm.heads + ", minmax(14px, 1fr))";
     box.appendChild(el("div", { cls: "hm-head", text: "layer \\ head" }));
     for (let h = 0; h < hm.heads; h++) box.appendChild(el("div", { cls: "hm-head", text: String(h) }));
     hm.layers.forEach((id, li) => {
       const layer = S.layersById.get(id);
+      if (S.video && layer && layer.frame !== S.sel.frame) return;  // a video run: the selected frame's calls
       box.appendChild(el("div", { cls: "hm-label", text: layer ? layer.label : id, title: layer ? layer.key : id, data: { layer: id } }));
       const present = new Set(hm.present[li]);
       for (let h = 0; h < hm.heads; h++) {
@@ -491,7 +534,7 @@
     const body = rows.map((r) => {
       const l = S.index.layers.find((x) => x.key === r.layer_key && x.call === r.call_index);
       const cells = [
-        el("td", { text: String(r.rank) }), el("td", { cls: "text", text: r.layer || r.layer_key }), el("td", { text: String(r.head) }),
+        el("td", { text: String(r.rank) }), el("td", { cls: "text", text: l ? l.label : r.layer || r.layer_key }), el("td", { text: String(r.head) }),
         el("td", { text: fmt(r.js_mean, 3) }), el("td", { text: fmt(r.js_p95, 3) }), el("td", { text: fmt(r.topk_overlap, 3) }),
         el("td", { text: fmt(r.q_rel_err, 3) }), el("td", { text: fmt(r.k_rel_err, 3) }), el("td", { text: fmt(r.v_rel_err, 3) }),
         el("td", { text: fmt(r.out_rel_err, 3) })];
@@ -584,9 +627,7 @@
   // -- attention ------------------------------------------------------------------------------------------------
   function attentionControls() {
     const sel = $("layer");
-    for (const l of S.index.layers) {
-      sel.appendChild(el("option", { value: l.id, text: l.label + (l.file ? "" : " (nothing saved)") }));
-    }
+    fillLayers();
     sel.addEventListener("change", () => selectLayer(sel.value, S.sel.head, S.sel.query));
     $("head").addEventListener("change", () => {
       const v = $("head").value;
@@ -603,12 +644,95 @@
     }
   }
 
+  // The layer list: every attention call, or the selected frame's in a video run.
+  function fillLayers() {
+    const sel = $("layer");
+    clear(sel);
+    for (const l of S.index.layers) {
+      if (S.video && l.frame !== S.sel.frame) continue;
+      sel.appendChild(el("option", { value: l.id, text: l.label + (l.file ? "" : " (nothing saved)"), data: { frame: String(l.frame) } }));
+    }
+    if (S.sel.layer) sel.value = S.sel.layer;
+  }
+
+  // -- frames (video runs) ------------------------------------------------------------------------------------
+  function frameWords(f) {
+    const parts = ["frame " + f.index + " (" + f.name + (f.source_index !== null ? ", source frame " + f.source_index : "") + ")"];
+    if (f.index === S.video.prompt_frame) parts.push("the clicks are on this frame");
+    else if (f.direction) parts.push("tracked " + f.direction);
+    const m = f.memory;
+    if (m && m.memory_frames) {
+      parts.push("memory of frames " + m.memory_frames.join(", ") + (m.conditioning_frames && m.conditioning_frames.length ? " (conditioning " + m.conditioning_frames.join(", ") + ")" : "") +
+        (m.pointer_frames && m.pointer_frames.length ? ", object pointers of " + m.pointer_frames.join(", ") : ""));
+    } else {
+      parts.push("no memory attention on this frame");
+    }
+    return parts.join(" · ");
+  }
+
+  function frameControls(start) {
+    const v = S.video;
+    $("frame-panel").hidden = false;
+    const slider = $("frame");
+    slider.max = String(v.frames.length - 1);
+    slider.addEventListener("input", () => selectFrame(parseInt(slider.value, 10)));
+    const list = $("frame-list");
+    for (const f of v.frames) {
+      const tag = f.index === v.prompt_frame ? " (clicks)" : f.memory ? "" : " (no memory)";
+      list.appendChild(el("button", { type: "button", data: { frame: String(f.index) }, text: f.index + ": " + f.name + tag, title: frameWords(f) }));
+    }
+    list.addEventListener("click", (ev) => {
+      const b = ev.target.closest("button[data-frame]");
+      if (b) selectFrame(parseInt(b.dataset.frame, 10));
+    });
+    $("frame-note").textContent = (v.note ? v.note + ". " : "") + "The photograph, masks, heatmap rows and layer list show the selected frame; " +
+      "a memory cross-attention call shows the query's attention over each memory frame, drawn on that frame.";
+    setFrame(Number.isInteger(start) ? start : v.prompt_frame);
+  }
+
+  // The selected frame's state and controls (the caller draws).
+  function setFrame(f) {
+    S.sel.frame = f; S.sel.mask = f;
+    $("frame").value = String(f);
+    for (const b of document.querySelectorAll("#frame-list button")) b.classList.toggle("selected", b.dataset.frame === String(f));
+    $("frame-label").textContent = frameWords(S.video.frames[f]);
+    $("frame-panel").dataset.frame = String(f);
+    fillLayers();
+    if (S.index.heatmap && S.sel.metric !== null) drawHeatmap();
+    markImpactRow();
+  }
+
+  async function selectFrame(f) {
+    if (!S.video || !Number.isInteger(f) || f < 0 || f >= S.video.frames.length || f === S.sel.frame) return;
+    const current = S.layersById.get(S.sel.layer);
+    setFrame(f);
+    const here = S.index.layers.filter((l) => l.frame === f);
+    const next = (current && here.find((l) => l.key === current.key && l.file)) || here.find((l) => l.file) || here[0];
+    if (next) { await selectLayer(next.id, S.sel.head, S.sel.query); return; }
+    S.sel.layer = null; S.layerData = null;
+    await framePhoto(f);
+    fillQueries(); drawMaps(); drawPhoto();
+    message("no attention call was captured on frame " + f);
+  }
+
+  function clickNote(layer) {
+    const mode = layer && layer.click ? layer.click.mode : "none";
+    if (mode === "tokens") return "This call's queries are decoder tokens, not places: pick one in the query list.";
+    if (mode === "none") return "This run saved no q/k for this call: the page shows its selected queries only" +
+      (S.server ? "; a click cannot be recomputed here (compare --save-full-attn keeps what recomputes any place)." : ".");
+    if (!S.server) return "Opened from disk: the selected queries only (sam2-layerwise view RUN_DIR recomputes a clicked place).";
+    return mode === "saved" ? "A click is recomputed inside the outlined windows (the run kept q/k there only)."
+      : "A click anywhere on the photograph re-selects the query there and recomputes its attention from the saved q/k.";
+  }
+
   async function selectLayer(id, head, query) {
     const layer = S.layersById.get(id);
     if (!layer) return;
     const seq = ++S.seq;
+    if (S.video && layer.frame !== S.sel.frame) setFrame(layer.frame);
     S.sel.layer = id;
     $("layer").value = id;
+    $("click-note").textContent = clickNote(layer);
     S.sel.head = head === undefined ? S.sel.head : head;
     if (S.sel.head !== null && S.sel.head >= layer.heads) S.sel.head = null;
     fillHeads(layer);
@@ -625,6 +749,10 @@
       }
       if (seq !== S.seq) return;
       status("");
+    }
+    if (S.video) {
+      await ensurePhotos(layer, data ? data.maps : null);
+      if (seq !== S.seq) return;
     }
     S.layerData = data;
     if (S.server && layer.click && layer.click.mode !== "tokens" && layer.click.mode !== "none") {
@@ -745,6 +873,7 @@
     maps.dataset.head = S.sel.head === null ? "mean" : String(S.sel.head);
     maps.dataset.query = S.sel.query || "";
     if (S.click && S.click.layer === S.sel.layer && S.click.message && !S.click.entry) message(S.click.message);
+    $("memory").hidden = !(entry && entry.display === "memory");
     if (!entry) {
       for (const side of ["fp", "q", "diff"]) blank($("map-" + side), side);
       tokens.hidden = true; maps.hidden = false;
@@ -763,6 +892,12 @@
     if (entry.display === "tokens") {
       maps.hidden = true; tokens.hidden = false;
       drawTokens(entry, values, headWords);
+      return;
+    }
+    if (entry.display === "memory") {
+      maps.hidden = true; tokens.hidden = true;
+      drawMemory(entry, values, headWords, layer);
+      S.drawn = { entry, values };
       return;
     }
     maps.hidden = false; tokens.hidden = true;
@@ -809,7 +944,8 @@
   function blank(canvas) {
     canvas.width = S.photoW || 16; canvas.height = S.photoH || 16;
     const ctx = canvas.getContext("2d");
-    if (S.photo) { ctx.globalAlpha = 0.35; ctx.drawImage(S.photo, 0, 0, canvas.width, canvas.height); ctx.globalAlpha = 1; }
+    const photo = currentPhoto();
+    if (photo) { ctx.globalAlpha = 0.35; ctx.drawImage(photo, 0, 0, canvas.width, canvas.height); ctx.globalAlpha = 1; }
   }
 
   function draw(canvas, entry, values, colourOf, onGrid) {
@@ -817,11 +953,14 @@
     else drawOnPhoto(canvas, entry, values, colourOf);
   }
 
-  function drawOnPhoto(canvas, entry, values, colourOf) {
+  // values over entry.block of the key grid entry.real_hw, over the photograph (by default the one shown; a
+  // memory frame's own for memory cross-attention)
+  function drawOnPhoto(canvas, entry, values, colourOf, photo) {
     const W = S.photoW, H = S.photoH;
     canvas.width = W; canvas.height = H;
     const ctx = canvas.getContext("2d");
-    if (S.photo) ctx.drawImage(S.photo, 0, 0, W, H);
+    const under = photo === undefined ? currentPhoto() : photo;
+    if (under) ctx.drawImage(under, 0, 0, W, H);
     const [rh, rw] = entry.real_hw;
     const [r0, r1, c0, c1] = entry.block;
     const bw = c1 - c0;
@@ -897,6 +1036,92 @@
       ctx.strokeRect(p0 * s - 1, q0 * s - 1, (p1 - p0) * s + 2, (q1 - q0) * s + 2);
     }
     canvas.dataset.view = "grid";
+  }
+
+  // -- memory cross-attention: the query's frame, then each memory frame with the query's attention on it -------
+  function segValues(values, seg) { return values.subarray(seg.offset, seg.offset + seg.length); }
+
+  function segSum(values, seg) {
+    let t = 0;
+    for (const v of segValues(values, seg)) if (Number.isFinite(v)) t += v;
+    return t;
+  }
+
+  function pct(v) { return Number.isFinite(v) ? (100 * v).toFixed(1) + "%" : "n/a"; }
+
+  function drawMemory(entry, values, headWords, layer) {
+    const box = $("memory");
+    clear(box);
+    const segs = entry.segments || [];
+    const spatial = segs.filter((g) => g.kind === "memory" && Array.isArray(g.grid_hw))
+      .sort((a, b) => (b.conditioning ? 1 : 0) - (a.conditioning ? 1 : 0) || (a.age || 0) - (b.age || 0));
+    const pointers = segs.filter((g) => g.kind === "object_pointer");
+    const names = { fp: isCompare() ? "FP" : "model", q: "Q" };
+    let vmax = 0, dmax = 0;
+    for (const g of spatial) {
+      for (const s of sides()) for (const v of segValues(values[s], g)) if (Number.isFinite(v)) vmax = Math.max(vmax, v);
+      if (isCompare()) {
+        const a = segValues(values.fp, g), b = segValues(values.q, g);
+        for (let i = 0; i < a.length; i++) if (Number.isFinite(b[i] - a[i])) dmax = Math.max(dmax, Math.abs(b[i] - a[i]));
+      }
+    }
+    if (!(vmax > 0)) vmax = 1;
+    const bound = dmax > 0 ? dmax : 1e-12;
+    const colourOf = (v) => colour(S.cm.attn, v / vmax);
+    box.dataset.panels = String(spatial.length);
+    // the query's own frame, its token outlined
+    const own = layer ? layer.frame : S.sel.frame;
+    const qc = el("canvas", { width: 16, height: 16 });
+    qc.width = S.photoW; qc.height = S.photoH;
+    const qctx = qc.getContext("2d");
+    const ownPhoto = S.frameImgs.get(own);
+    if (ownPhoto) qctx.drawImage(ownPhoto, 0, 0, S.photoW, S.photoH);
+    if (entry.query_box) outline(qctx, entry.query_box);
+    box.appendChild(el("figure", { cls: "mem-query", data: { frame: String(own) } }, [
+      el("figcaption", { text: "frame " + own + ": the query's own frame (" + queryWords(entry) + ", outlined) · " + headWords }), qc]));
+    if (!spatial.length) box.appendChild(el("p", { cls: "note", text: "no memory frame in this call's keys (SAM 2's no-memory token only)" }));
+    for (const g of spatial) {
+      const shares = sides().map((s) => names[s] + " " + pct(segSum(values[s], g)));
+      const fig = el("figure", { cls: "mem-panel", data: { label: g.label, frame: String(g.frame) } }, [
+        el("figcaption", { text: g.label + ": memory of frame " + g.frame + (g.conditioning ? " (conditioning)" : "") + ", age " + g.age +
+          ", drawn on frame " + g.frame + " · share of the attention: " + shares.join(", ") })]);
+      const row = el("div", { cls: "mem-maps" });
+      const place = { real_hw: g.grid_hw, block: [0, g.grid_hw[0], 0, g.grid_hw[1]], query_box: entry.query_box, marks: [] };
+      const photo = S.frameImgs.get(g.frame) || null;
+      for (const s of sides()) {
+        const c = el("canvas", { width: 16, height: 16, cls: "mem-map", data: { side: s, sum: String(segSum(values[s], g)) } });
+        drawOnPhoto(c, place, segValues(values[s], g), colourOf, photo);
+        row.appendChild(el("div", {}, [el("span", { cls: "hint", text: names[s] }), c]));
+      }
+      if (isCompare()) {
+        const a = segValues(values.fp, g), b = segValues(values.q, g);
+        const diff = new Float32Array(a.length);
+        for (let i = 0; i < a.length; i++) diff[i] = b[i] - a[i];
+        const c = el("canvas", { width: 16, height: 16, cls: "mem-map", data: { side: "diff" } });
+        drawOnPhoto(c, place, diff, (v) => colour(S.cm.div, (v + bound) / (2 * bound)), photo);
+        row.appendChild(el("div", {}, [el("span", { cls: "hint", text: "Q − FP" }), c]));
+      }
+      fig.appendChild(row);
+      box.appendChild(fig);
+    }
+    const bars = el("div", { cls: "mem-pointers", data: { segments: pointers.map((g) => g.label).join(",") } });
+    for (const s of sides()) {
+      const v = pointers.reduce((t, g) => t + segSum(values[s], g), 0);
+      bars.dataset["share" + s.charAt(0).toUpperCase() + s.slice(1)] = String(v);
+      bars.appendChild(el("div", { cls: "mem-bar-row" }, [
+        el("span", { text: names[s] + ": object pointers (" + pointers.length + " frames) " + pct(v) }),
+        el("div", { cls: "mem-bar", title: pct(v) + " of the attention on the object-pointer tokens" }, [
+          el("div", { cls: "mem-bar-fill", style: { width: (100 * Math.max(0, Math.min(1, v))) + "%" } })])]));
+    }
+    box.appendChild(bars);
+    const sc = el("div", { cls: "scale" });
+    scaleBar(sc, S.cm.attn, 0, vmax, "attention probability per memory token (" + headWords + ")", "one scale for all memory frames" + (isCompare() ? ", FP and Q" : ""));
+    box.appendChild(sc);
+    if (isCompare()) {
+      const dc = el("div", { cls: "scale" });
+      scaleBar(dc, S.cm.div, -bound, bound, "Q − FP");
+      box.appendChild(dc);
+    }
   }
 
   function drawTokens(entry, values, headWords) {
@@ -984,6 +1209,10 @@
       answer = { ok: false, message: "the server did not answer (" + e.message + "); is sam2-layerwise view still running?" };
     }
     if (seq !== S.seq) return;
+    if (S.video && answer.ok) {
+      await ensurePhotos(layer, [answer.map]);
+      if (seq !== S.seq) return;
+    }
     status("");
     S.click = { x, y, layer: layer.id, entry: answer.ok ? answer.map : null, token: answer.token || null, message: answer.ok ? null : answer.message };
     document.body.dataset.clickX = String(x);  // the place asked for, in original pixels
