@@ -27,10 +27,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: P
 
     q: [..., Nq, d], k: [..., Nk, d] -> [..., Nq, Nk] fp32, rows sum to 1 (before `transform`).
     """
+    return attention_scores_probs(q, k, scale, transform)[1]
+
+
+def attention_scores_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: ProbsTransform = None):
+    """(scores q·kᵀ·scale, probabilities) fp32 [..., Nq, Nk]: `attention_probs` with the scores it took them from."""
     with torch.autocast(q.device.type, enabled=False):
         scores = torch.matmul(_fp32(q) * scale, _fp32(k).transpose(-1, -2))  # [..., Nq, Nk]
         probs = torch.softmax(scores, dim=-1)
-        return transform(probs) if transform is not None else probs
+        return scores, transform(probs) if transform is not None else probs
 
 
 # Tiles shared by `attention_rows` and kernels that compute attention explicitly (quantized softmax): both cut
@@ -51,13 +56,36 @@ def row_tiles(G: int, h: int, nq: int, nk: int, tile_elements: int = TILE_ELEMEN
     return [(g, g + 1, r0, min(nq, r0 + rows)) for g in range(G) for r0 in range(0, nq, rows)]
 
 
-def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple[int, int, int, int]):
-    """Probabilities [g, h, r, Nk] fp32 and out = probs @ v [g, h, r, d_v] fp32 of one tile of `row_tiles`."""
+def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple[int, int, int, int],
+                   with_scores: bool = False):
+    """Probabilities [g, h, r, Nk] fp32 and out = probs @ v [g, h, r, d_v] fp32 of one tile of `row_tiles`
+    (and, `with_scores`, the scores the probabilities came from)."""
     g0, g1, r0, r1 = tile
-    probs = attention_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
+    scores, probs = attention_scores_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
     with torch.autocast(q.device.type, enabled=False):
         out = torch.matmul(probs, _fp32(v[g0:g1]))
-    return probs, out
+    return (probs, out, scores) if with_scores else (probs, out)
+
+
+def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool, topk: int) -> dict:
+    """Per-query statistics of rows a kernel already computed (an explicitly tiled kernel's tile): no second
+    q·kᵀ or exp. scores, probs: [..., Nk] fp32, probs = softmax(scores), or `transformed` probabilities (then the
+    scores are not used). Returns `query_statistics`' four statistics, shaped [...]."""
+    nk = probs.shape[-1]
+    kk = min(topk, nk)
+    lead = probs.shape[:-1]
+    module = native.kernel() if not transformed and probs.device.type == "cpu" else None
+    if module is not None:
+        native.note_taken("compiled")
+        ent, mx, top = module.probs_stats(scores.reshape(-1, nk).contiguous(), probs.reshape(-1, nk).contiguous(), kk)
+        ent, mx, top = ent.view(lead), mx.view(lead), top.view(lead)
+    else:
+        native.note_taken("torch")
+        ent = -torch.special.xlogy(probs, probs).sum(-1)
+        mx = probs.amax(-1)
+        top = topk_sum(probs, kk) if kk else torch.zeros_like(mx)
+    return {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0), "max_prob": mx,
+            "topk_mass": top}
 
 
 def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False,

@@ -36,6 +36,7 @@ class KernelView:
     scale: float
     probs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     tiled: bool = False
+    stats: dict | None = None  # per-query statistics [G, heads, Nq] the kernel took from its own tiles, if asked
 
 
 class AttentionKernel(Protocol):
@@ -72,7 +73,14 @@ def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                              is_causal=is_causal, scale=scale, **kwargs)
     frame = _stack.frames[-1]
-    out, view = (frame.kernel or float_kernel)(query, key, value, scale)
+    kernel = frame.kernel or float_kernel
+    # An explicitly tiled kernel (quantized attention) can hand observers the per-query statistics of every
+    # query from the probabilities it computes anyway, instead of their computing the scores a second time.
+    topk = next((o.stats_topk for o in frame.observers if getattr(o, "stats_topk", None) is not None), None)
+    if topk is not None and getattr(kernel, "tile_statistics", False):
+        out, view = kernel(query, key, value, scale, stats_topk=topk)
+    else:
+        out, view = kernel(query, key, value, scale)
     for observe in frame.observers:
         observe(view, out)
     return out

@@ -253,6 +253,8 @@ class CaptureSession:
         def observe(view: dispatch.KernelView, out: torch.Tensor):
             with torch.no_grad():
                 self._observe(name, module, kind, view, out)
+        # asks a tiled kernel for the statistics of every query from its own tiles (`view.stats`)
+        observe.stats_topk = self.options.stats_topk if self.options.all_queries_for(kind) else None
         return observe
 
     def _note_nonfinite(self, name: str, call_index: int, tensor: str) -> None:
@@ -301,7 +303,9 @@ class CaptureSession:
         query_stats, head_stats, segment_mass = None, {}, None
         every = self.options.all_queries_for(kind)
         mass_rows = None  # query indices of a sampled segment mass
-        if every or (segments and self.options.memory_mass == "all"):
+        if every and view.stats is not None and not segments:  # from the kernel's own tiles (quantized kernels)
+            query_stats = dict(view.stats)
+        elif every or (segments and self.options.memory_mass == "all"):
             query_stats = query_statistics(q, k, view.scale, view.probs_transform, self.options.stats_topk,
                                            self.options.chunk_elements, segments=segments, stats=every)
             segment_mass = query_stats.pop("segment_mass", None)  # [G, h, Nq, S]

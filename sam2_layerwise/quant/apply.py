@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sam2_layerwise.capture import dispatch
-from sam2_layerwise.capture.attention import attention_tile, row_tiles
+from sam2_layerwise.capture.attention import attention_tile, row_tiles, tile_statistics
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
 from sam2_layerwise.quant.quantizers import QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats, uniform_codes
@@ -231,7 +231,12 @@ class QuantKernel:
         self.q, self.k, self.v, self.probs = q, k, v, probs
         self.tiled = tiled or probs is not None
 
-    def __call__(self, q, k, v, scale):
+    @property
+    def tile_statistics(self) -> bool:
+        """Whether `stats_topk` can be asked for: per-query statistics from the tiles this kernel computes."""
+        return self.tiled
+
+    def __call__(self, q, k, v, scale, stats_topk: int | None = None):
         s = scale if scale is not None else q.shape[-1] ** -0.5
         q = self.q(q) if self.q is not None else q  # [G, h, Nq, d]
         k = self.k(k) if self.k is not None else k  # [G, h, Nk, d]
@@ -240,11 +245,21 @@ class QuantKernel:
             return dispatch.ORIGINAL_SDPA(q, k, v, scale=scale), dispatch.KernelView(q, k, v, s)
         G, h, nq, _ = q.shape
         out = q.new_empty((G, h, nq, v.shape[-1]))  # [G, h, Nq, d_v]
+        stats = None
         for tile in row_tiles(G, h, nq, k.shape[-2]):
             g0, g1, r0, r1 = tile
-            _, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
+            if stats_topk is None:
+                _, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
+            else:
+                p, o, scores = attention_tile(q, k, v, s, self.probs, tile, with_scores=True)
+                found = tile_statistics(scores, p, self.probs is not None, stats_topk)
+                if stats is None:
+                    stats = {name: torch.empty((G, h, nq), dtype=torch.float32, device=q.device) for name in found}
+                for name, values in found.items():
+                    stats[name][g0:g1, :, r0:r1] = values
             out[g0:g1, :, r0:r1] = o.to(out.dtype)
-        return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None, tiled=True)
+        return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None, tiled=True,
+                                        stats=stats)
 
 
 def _output_projection(module: nn.Module) -> str:

@@ -215,3 +215,85 @@ def test_fake_quantizer_bit_identical(path, scale, zero, qmin, qmax):
             err = want.double() - view.double()
             assert fq.stats.sq_err == pytest.approx(err.square().sum().item(), rel=1e-6)
             assert fq.stats.max_abs_err == pytest.approx(err.abs().max().item(), rel=1e-6)
+
+
+def _tile_reference(p: torch.Tensor, topk: int) -> dict:
+    """float64 statistics of given probabilities (rows summing to ~1)."""
+    p = p.double()
+    ent = -torch.special.xlogy(p, p).sum(-1)
+    kk = min(topk, p.shape[-1])
+    return {"entropy": ent, "max_prob": p.amax(-1),
+            "topk_mass": p.topk(kk, -1).values.sum(-1) if kk else torch.zeros_like(ent)}
+
+
+@pytest.mark.parametrize("nk", [1, 3, 16, 64, 196, 256, 257, 1031, 4096])
+@pytest.mark.parametrize("sharpen", [1, 64])
+def test_tile_statistics_of_a_kernels_own_tiles(path, nk, sharpen):
+    """Statistics a tiled (quantized) kernel takes from the scores and probabilities it computed anyway: within
+    1e-5 of float64 statistics of the same scores, for key counts across 16-key vectors and the short/long-row
+    switch (256), top-k of 0, 1, 5 and 40, and sharpened attention."""
+    from sam2_layerwise.capture.attention import tile_statistics
+
+    g = torch.Generator().manual_seed(nk)
+    q, k = torch.randn(2, 3, 9, 8, generator=g), torch.randn(2, 3, nk, 8, generator=g)
+    scores = q @ k.transpose(-1, -2) * (8 ** -0.5 * sharpen)
+    probs = torch.softmax(scores, -1)
+    want_p = torch.softmax(scores.double(), -1)
+    for topk in (0, 1, 5, 40):
+        got = tile_statistics(scores, probs, False, topk)
+        assert_close(got, _tile_reference(want_p, topk))
+        assert got["entropy_norm"].shape == (2, 3, 9)
+
+
+def test_tile_statistics_ties_and_transformed(path):
+    """Uniform rows and repeated keys (top-k counts every copy), and quantized probabilities (no scores used)."""
+    from sam2_layerwise.capture.attention import tile_statistics
+    from sam2_layerwise.quant.quantizers import log2_quantize
+
+    for nk in (77, 300):
+        scores = torch.zeros(4, nk)
+        got = tile_statistics(scores, torch.softmax(scores, -1), False, 7)
+        torch.testing.assert_close(got["entropy_norm"], torch.ones(4), atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["topk_mass"], torch.full((4,), 7 / nk), atol=1e-6, rtol=0)
+        scores = torch.randn(5, nk, generator=torch.Generator().manual_seed(1)) * 4
+        scores[:, 10:20] = scores[:, 3:4]  # ten copies of one score
+        scores[:, 3] = scores.amax(-1) + 1e-3  # beside the largest
+        assert_close(tile_statistics(scores, torch.softmax(scores, -1), False, 12),
+                     _tile_reference(torch.softmax(scores.double(), -1), 12))
+        p = log2_quantize(torch.softmax(scores, -1), 4)
+        assert_close(tile_statistics(scores, p, True, 5), _tile_reference(p, 5))
+
+
+@pytest.mark.parametrize("cfg_name", ["w8a8", "w4a8_mixed"])
+def test_quantized_capture_takes_statistics_from_its_tiles(path, monkeypatch, cfg_name, tiny_checkpoint, chelsea):
+    """A quantized kernel that computes its probabilities explicitly hands the capture every query's statistics
+    from its own tiles (no second q·kᵀ); they equal the statistics recomputed from the q/k it used (with its
+    probability quantizer), within 1e-5, and masks stay those of the plain quantized model."""
+    import numpy as np
+
+    from sam2_layerwise.model import build_model
+    from sam2_layerwise.quant import apply, calibrate_model, load_quant_config
+
+    cfg = load_quant_config(REPO / "examples" / "quantization" / f"{cfg_name}.yaml")
+    model = build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu").model
+    prompts = parse_prompts([220, 150, 1], None, None, chelsea.shape[1], chelsea.shape[0])
+    taken = []
+    real = apply.tile_statistics
+    monkeypatch.setattr(apply, "tile_statistics", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    qm = calibrate_model(model, cfg, [chelsea])
+    try:
+        plain = run_plain(model, chelsea, prompts)
+        assert not taken  # nobody asked: plain runs compute no statistics
+        cap = capture_image(model, chelsea, prompts, CaptureOptions(keep_all_qkv=True, max_attn_queries=1))
+    finally:
+        qm.remove()
+    assert taken and np.array_equal(plain.masks, cap.prediction.masks)
+    tiled = 0
+    for r in cap.attention:
+        fq = qm.quantizers.get(apply.site_id(r.name, "probs"))
+        want = query_statistics(r.full_qkv["q"], r.full_qkv["k"], r.full_qkv["scale"], fq.quiet if fq else None, 5)
+        tiled += bool(r.full_qkv["tiled"])
+        for name in STATS:
+            err = (r.query_stats[name].double() - want[name].double()).abs().max().item()
+            assert err <= 1e-5, (r.layer_key, name, err)
+    assert tiled == len(cap.attention)

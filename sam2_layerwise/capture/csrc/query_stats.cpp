@@ -39,6 +39,7 @@ constexpr int64_t BLOCK = L * L;          // keys per block of 16 chunks
 
 typedef float vf __attribute__((vector_size(4 * L)));    // 16 floats: one zmm, two ymm or four xmm
 typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef double vd __attribute__((vector_size(8 * L)));  // 16 doubles
 
 #define INLINE inline __attribute__((always_inline))
 
@@ -55,6 +56,32 @@ static INLINE vf splat(float x) {
 static INLINE vi splat_i(int32_t x) {
     return vi{} + x;
 }
+
+// Horizontal max and sum of 16 lanes as a tree of in-register shuffles (depth 4, not a chain of 16 dependent
+// steps; the sum's order is then the tree's, which the callers accept).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SWAP(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+template <typename T, typename V>
+static INLINE T tree_reduce(V v, bool maximum) {
+    auto step = [maximum](V x, V y) { return maximum ? (y > x ? y : x) : x + y; };
+    v = step(v, SWAP(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = step(v, SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = step(v, SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = step(v, SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return v[0];
+}
+#undef SWAP
+#else
+template <typename T, typename V>
+static INLINE T tree_reduce(const V& v, bool maximum) {
+    T a[L];
+    for (int64_t l = 0; l < L; ++l) a[l] = v[l];
+    for (int64_t w = L / 2; w >= 1; w /= 2) {
+        for (int64_t l = 0; l < w; ++l) a[l] = maximum ? (a[l + w] > a[l] ? a[l + w] : a[l]) : a[l] + a[l + w];
+    }
+    return a[0];
+}
+#endif
 
 // exp(x) for x <= 0 without a libm call, 16 at a time: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits. Below -87 the result
@@ -601,7 +628,145 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, double scale, double zero
                                torch::TensorOptions().dtype(torch::kFloat64))};
 }
 
+namespace {
+
+// The sum of the k largest of x[0..n) for short rows (n <= BLOCK): k rounds, each one read of the padded row
+// finding the largest value below the previous one and counting the previous one's copies (ties), so no per-key
+// branches and no sorted list.
+HOT static double topk_short(const float* x, int64_t n, int64_t k) {
+    const float inf = std::numeric_limits<float>::infinity();
+    float buf[BLOCK + L];
+    const int64_t nv = (n + L - 1) / L;
+    std::memcpy(buf, x, sizeof(float) * n);
+    for (int64_t j = n; j < nv * L; ++j) buf[j] = -inf;
+    double total = 0.0;
+    float upper = inf;  // the value found last round
+    int64_t remaining = k;
+    while (remaining > 0) {
+        const vf vu = splat(upper);
+        vf cur = splat(-inf), same{};
+        for (int64_t j = 0; j < nv; ++j) {
+            const vf v = load(buf + j * L);
+            const vf below = v < vu ? v : splat(-inf);  // two selects: GCC lowers an AND of masks through memory
+            cur = below > cur ? below : cur;
+            same += v == vu ? splat(1.0f) : vf{};
+        }
+        if (upper < inf) {  // copies of last round's value: as many as still wanted
+            const float copies = tree_reduce<float>(same, false);  // whole numbers <= 256: exact in any order
+            const int64_t take = std::min<int64_t>(remaining, static_cast<int64_t>(copies));
+            total += static_cast<double>(upper) * take;
+            remaining -= take;
+        }
+        const float next = tree_reduce<float>(cur, true);
+        if (!(next > -inf)) break;  // no smaller value left (or NaN)
+        upper = next;
+    }
+    return total;
+}
+
+// One row of a tile an explicit attention kernel computed: scores s [nk] and p = softmax(s) [nk] as torch computed
+// them. With m = max s, z = sum exp(s - m) = 1 / max p: H = log z - sum p (s - m) (no log per key), max p, and the
+// top-k mass summed from p itself. Keys in whole 16-lane vectors form chunks as in `row_sums` (lane l of a block of
+// 16 vectors; their maxima are vertical maxima, no horizontal work); the k largest lie in chunks whose maximum
+// reaches theta, the k-th largest of the 16 lane maxima (k <= 16) or of the chunk maxima, and in the last nk % 16
+// keys. `cm` has room for the chunk maxima, `best` for k values.
+HOT static void probs_row(const float* s, const float* p, int64_t nk, int64_t k, float* cm, float* best, float* ent,
+                          float* mx, float* top) {
+    const float inf = std::numeric_limits<float>::infinity();
+    const int64_t nv = nk / L, nblocks = (nv + L - 1) / L;
+    vf vm = splat(-inf), vp = splat(-inf);
+    vd ps{}, ps1{};  // sum p s and sum p in float64 lanes: one read, and p (s - m) = p s - m p stays exact
+    for (int64_t b = 0; b < nblocks; ++b) {
+        vf bm = splat(-inf);
+        for (int64_t j = b * L, stop = std::min(nv, b * L + L); j < stop; ++j) {
+            const vf a = load(s + j * L), x = load(p + j * L);
+            vm = a > vm ? a : vm;
+            bm = x > bm ? x : bm;
+            const vd xd = __builtin_convertvector(x, vd);
+            ps += xd * __builtin_convertvector(a, vd);
+            ps1 += xd;
+        }
+        std::memcpy(cm + b * L, &bm, sizeof bm);
+        vp = bm > vp ? bm : vp;
+    }
+    float lanes[L];
+    std::memcpy(lanes, &vp, sizeof vp);
+    float m = tree_reduce<float>(vm, true), pmax = tree_reduce<float>(vp, true);
+    for (int64_t j = nv * L; j < nk; ++j) {
+        m = s[j] > m ? s[j] : m;
+        pmax = p[j] > pmax ? p[j] : pmax;
+    }
+    double sum_ps = tree_reduce<double>(ps, false), sum_p = tree_reduce<double>(ps1, false);
+    for (int64_t j = nv * L; j < nk; ++j) {
+        sum_ps += static_cast<double>(p[j]) * s[j];
+        sum_p += p[j];
+    }
+    const double w = sum_ps - static_cast<double>(m) * sum_p;  // sum p (s - m)
+    *ent = static_cast<float>(-std::log(static_cast<double>(pmax)) - w);
+    *mx = pmax;
+    if (k <= 0) {
+        *top = 0.0f;
+        return;
+    }
+    if (nk <= BLOCK) {
+        *top = static_cast<float>(topk_short(p, nk, k));
+        return;
+    }
+    float theta = -inf;
+    int64_t count = 0;
+    if (nv > 0 && k <= L) {
+        theta = kth_of_block(lanes, k);  // the 16 lane maxima are 16 different keys
+    } else if (k <= nblocks * L && nv > 0) {
+        for (int64_t c = 0; c < nblocks * L; ++c) push(best, count, k, cm[c]);
+        theta = best[k - 1];
+        count = 0;
+    }
+    for (int64_t b = 0; b < nblocks; ++b) {
+        for (int64_t l = 0; l < L; ++l) {
+            if (cm[b * L + l] < theta) continue;
+            for (int64_t j = b * L, stop = std::min(nv, b * L + L); j < stop; ++j) {
+                const float x = p[j * L + l];
+                if (x >= theta) push(best, count, k, x);
+            }
+        }
+    }
+    for (int64_t j = nv * L; j < nk; ++j) {
+        if (p[j] >= theta) push(best, count, k, p[j]);
+    }
+    double t = 0.0;
+    for (int64_t i = 0; i < count; ++i) t += best[i];
+    *top = static_cast<float>(t);
+}
+
+}  // namespace
+
+// Statistics of every row of scores s [R, Nk] and probabilities p = softmax(s) [R, Nk] (contiguous float32 CPU,
+// a tile a kernel already computed): (entropy, max_prob, topk_mass) [R], without another q k^T or exp.
+std::vector<torch::Tensor> probs_stats(torch::Tensor s, torch::Tensor p, int64_t topk) {
+    for (const auto* t : {&s, &p}) {
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->is_contiguous() && t->dim() == 2,
+                    "contiguous float32 CPU [rows, keys] tensors only");
+    }
+    TORCH_CHECK(s.sizes() == p.sizes(), "scores and probabilities differ in shape");
+    const int64_t R = s.size(0), nk = s.size(1), k = std::min(topk, nk);
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    torch::Tensor ent = torch::empty({R}, opts), mx = torch::empty({R}, opts), top = torch::empty({R}, opts);
+    const float *ps = s.data_ptr<float>(), *pp = p.data_ptr<float>();
+    float *pe = ent.data_ptr<float>(), *pm = mx.data_ptr<float>(), *pt = top.data_ptr<float>();
+    {
+        pybind11::gil_scoped_release no_gil;
+        at::parallel_for(0, R, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(nk, 1)), [&](int64_t a, int64_t b) {
+            std::vector<float> cm((nk / L + L - 1) / L * L + L), best(std::max<int64_t>(k, 1));
+            for (int64_t r = a; r < b; ++r) {
+                probs_row(ps + r * nk, pp + r * nk, nk, k, cm.data(), best.data(), pe + r, pm + r, pt + r);
+            }
+        });
+    }
+    return {ent, mx, top};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("probs_stats", &probs_stats, "entropy, max and top-k mass of rows a kernel already computed");
     m.def("fake_quant", &fake_quant, "per-tensor uniform fake quantization (and its error sums) in one read");
     m.def("quant_error", &quant_error, "clipped codes, squared error, squared reference and max error in one read");
     m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
