@@ -126,6 +126,9 @@ def test_memory_maps_hold_the_saved_rows(video_runs, kind):
                         assert got.sum() == pytest.approx(want[g["label"]], abs=1e-6)
                         if g["kind"] == "memory":
                             assert g["length"] == g["grid_hw"][0] * g["grid_hw"][1]
+                        if pooling is None:  # token for token: the saved row itself, row-major on the frame's grid
+                            seg = next(x for x in segs if x["label"] == g["label"])
+                            np.testing.assert_array_equal(got, row[seg["start"]:seg["stop"]].numpy())
                     checked += 1
     assert checked >= 3 * 2
 
