@@ -26,7 +26,8 @@ from sam2_layerwise.capture import dispatch
 from sam2_layerwise.capture.attention import attention_tile, row_tiles, tile_statistics
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
-from sam2_layerwise.quant.quantizers import QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats, uniform_codes
+from sam2_layerwise.quant.quantizers import (QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats,
+                                             quantization_error)
 
 # Layer class -> (default weight channel axis, input channel axis).
 LAYER_TYPES = {"Linear": (0, -1), "Conv2d": (0, 1), "ConvTranspose2d": (1, 1)}
@@ -406,11 +407,7 @@ class QuantizedModel:
             key = (w.data_ptr(), w._version, w.device, w.dtype, fq.scale.data_ptr(), fq.scale._version, fq.bits)
             cached = self._weight_error.get(qid)
             if cached is None or cached[0] != key:  # computed once per weight and scale, not per report
-                stats = QuantStats()
-                qmin, qmax = fq.qrange
-                raw, _ = uniform_codes(w, fq.scale, fq.zero_point, qmin, qmax, fq.axis)
-                stats.add_codes(w, fq.quiet(w), raw, qmin, qmax)
-                cached = self._weight_error[qid] = (key, stats.to_dict())
+                cached = self._weight_error[qid] = (key, quantization_error(fq, w).to_dict())
             entry["error"] = {**cached[1], "on": "the weights"}
         else:
             entry["error"] = {**fq.stats.to_dict(), "on": "this input" if fq.stats.calls else "nothing (did not run)"}

@@ -131,6 +131,17 @@ def test_masks_bit_identical_on_either_path(path, tiny_model, chelsea):
     assert native.used() == path
 
 
+def test_kernel_builds_where_a_compiler_exists(monkeypatch):
+    """Where a C++ compiler is installed (CI installs one) the kernel must build: otherwise every `compiled` test
+    here would skip and a broken source would go unnoticed."""
+    import shutil
+
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("no C++ compiler on this machine: the torch path is tested")
+    monkeypatch.setenv(native.MODE_ENV, "compiled")
+    assert native.kernel() is not None and native.path_name() == "compiled"
+
+
 def test_no_compiler_falls_back_and_says_so(tmp_path, tiny_checkpoint):
     """A machine without a compiler: the build fails, the log says the torch path is used, the run succeeds and
     its summary records the path. With SAM2_LAYERWISE_STATS_KERNEL=compiled the same machine gets an error."""
@@ -297,3 +308,29 @@ def test_quantized_capture_takes_statistics_from_its_tiles(path, monkeypatch, cf
             err = (r.query_stats[name].double() - want[name].double()).abs().max().item()
             assert err <= 1e-5, (r.layer_key, name, err)
     assert tiled == len(cap.attention)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_per_channel_fake_quantizer_bit_identical(path, axis):
+    """Per-channel weights (one scale and zero point per channel along `axis`, as `quantize` calibrates them):
+    the compiled read gives the torch ops' exact bits, and `quantization_error` (the weight report) their error."""
+    from sam2_layerwise.quant.config import QuantSpec
+    from sam2_layerwise.quant.quantizers import FakeQuantizer, fake_quantize, quantization_error, uniform_codes
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 37, 3, generator=g) * 0.05
+    channels = w.shape[axis]
+    scale = (torch.rand(channels, generator=g) * 0.002 + 1e-4)
+    zero = torch.round(torch.rand(channels, generator=g) * 20)
+    w.view(-1)[:500] = (torch.arange(500) - 250) * 0.5e-4  # ties for the smaller scales
+    spec = QuantSpec(kind="uniform", bits=8, symmetric=False, granularity="per_channel")
+    fq = FakeQuantizer("t.weight", spec, scale=scale, zero_point=zero, axis=axis % w.dim())
+    want = fake_quantize(w, scale, zero, 0, 255, axis=axis % w.dim())
+    got = fq.quiet(w)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    stats = quantization_error(fq, w)
+    raw, _ = uniform_codes(w, scale, zero, 0, 255, axis % w.dim())
+    err = want.double() - w.double()
+    assert stats.clipped == int(((raw < 0) | (raw > 255)).sum()) and stats.elements == w.numel()
+    assert stats.sq_err == pytest.approx(err.square().sum().item(), rel=1e-6)
+    assert stats.max_abs_err == pytest.approx(err.abs().max().item(), rel=1e-6)

@@ -589,30 +589,58 @@ HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, floa
 
 }  // namespace
 
-// Per-tensor uniform fake quantization of a float32 CPU tensor whose elements are dense in memory (any dense
-// layout: the output gets x's strides), in one parallel read; bit-identical to torch's ops. Returns [out] or, with
-// monitor, [out, (clipped, sum (out - x)^2, sum x^2, max |out - x|) float64]; an empty list when x is not dense
-// (the caller then uses torch's ops).
-std::vector<torch::Tensor> fake_quant(torch::Tensor x, double scale, double zero_point, double lo, double hi,
-                                      bool monitor) {
+// Uniform fake quantization of a float32 CPU tensor in one parallel read, bit-identical to torch's ops. Per tensor
+// (scale and zero_point of one element): x may have any dense layout (the output gets x's strides). Per channel
+// (C elements along `axis`): x must be contiguous; each run of `inner` elements has one channel's parameters.
+// Returns [out] or, with monitor, [out, (clipped, sum (out - x)^2, sum x^2, max |out - x|) float64]; an empty list
+// when the layout does not fit (the caller then uses torch's ops).
+std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torch::Tensor zero_point, int64_t axis,
+                                      double lo, double hi, bool monitor) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "float32 CPU tensor only");
-    if (!x.is_non_overlapping_and_dense()) return {};
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && zero_point.scalar_type() == torch::kFloat32 &&
+                scale.is_contiguous() && zero_point.is_contiguous() && scale.numel() == zero_point.numel() &&
+                scale.numel() >= 1, "float32 scale and zero point of one size");
+    const int64_t C = scale.numel(), n = x.numel();
+    int64_t inner = n;  // elements per run of one channel's parameters
+    if (C > 1) {
+        if (axis < 0 || axis >= x.dim() || x.size(axis) != C || !x.is_contiguous()) return {};
+        inner = 1;
+        for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+    } else if (!x.is_non_overlapping_and_dense()) {
+        return {};
+    }
     torch::Tensor out = torch::empty_like(x, at::MemoryFormat::Preserve);
     TORCH_CHECK(out.strides() == x.strides(), "the output did not get x's layout");
-    const int64_t n = x.numel();
     // dense with non-negative strides: the elements fill [data, data + n) in some order, the same for out
     const float* px = x.data_ptr<float>();
     float* po = out.data_ptr<float>();
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n / (1 << 15)));
+    const float *ps = scale.data_ptr<float>(), *pz = zero_point.data_ptr<float>();
+    const int64_t runs = inner > 0 ? n / inner : 0;
+    const int64_t per_part = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // runs per task
+    const int64_t parts = C > 1 ? (runs + per_part - 1) / per_part : std::max<int64_t>(1, std::min<int64_t>(
+        at::get_num_threads() * 4, n / (1 << 15)));
     std::vector<ErrorSums> found(parts);
-    const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
     const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
     {
         pybind11::gil_scoped_release no_gil;
         at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
             for (int64_t p = begin; p < end; ++p) {
-                const int64_t a = n * p / parts, b = n * (p + 1) / parts;
-                found[p] = fake_quant_span(px + a, po + a, b - a, s, z, flo, fhi, monitor);
+                if (C == 1) {
+                    const int64_t a = n * p / parts, b = n * (p + 1) / parts;
+                    found[p] = fake_quant_span(px + a, po + a, b - a, ps[0], pz[0], flo, fhi, monitor);
+                    continue;
+                }
+                ErrorSums acc;
+                for (int64_t r = p * per_part, stop = std::min(runs, (p + 1) * per_part); r < stop; ++r) {
+                    const int64_t c = r % C;
+                    const ErrorSums f = fake_quant_span(px + r * inner, po + r * inner, inner, ps[c], pz[c], flo, fhi,
+                                                        monitor);
+                    acc.clipped += f.clipped;
+                    acc.err2 += f.err2;
+                    acc.ref2 += f.ref2;
+                    acc.max_err = std::max(acc.max_err, f.max_err);
+                }
+                found[p] = acc;
             }
         });
     }
@@ -767,7 +795,7 @@ std::vector<torch::Tensor> probs_stats(torch::Tensor s, torch::Tensor p, int64_t
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("probs_stats", &probs_stats, "entropy, max and top-k mass of rows a kernel already computed");
-    m.def("fake_quant", &fake_quant, "per-tensor uniform fake quantization (and its error sums) in one read");
+    m.def("fake_quant", &fake_quant, "uniform fake quantization, per tensor or channel (and its error sums), one read");
     m.def("quant_error", &quant_error, "clipped codes, squared error, squared reference and max error in one read");
     m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
     m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)");
