@@ -146,14 +146,15 @@ def image_info(path, image: np.ndarray, sha256: str | None = None) -> dict:
             "height": int(image.shape[0])}
 
 
-def model_entry(loaded, qm, cap, hashes: dict | None = None) -> dict:
-    """`manifest.json`'s `models.<half>`; `hashes` (config_sha256, checkpoint_sha256) when already known."""
+def model_entry(loaded, qm, cap, hashes: dict | None = None, sha=None) -> dict:
+    """`manifest.json`'s `models.<half>`; `hashes` (config_sha256, checkpoint_sha256) when already known, else
+    taken with `sha` (a `BackgroundHashes.get`; default `sha256_file`)."""
     from sam2_layerwise.store import compare_run as cr
 
     if hashes is None:
+        sha = sha or cr.sha256_file
         ckpt = loaded.checkpoint_path
-        hashes = {"config_sha256": cr.sha256_file(loaded.config_path),
-                  "checkpoint_sha256": cr.sha256_file(ckpt) if ckpt else None}
+        hashes = {"config_sha256": sha(loaded.config_path), "checkpoint_sha256": sha(ckpt) if ckpt else None}
     return {**loaded.describe(), **hashes, "quantized": qm is not None, "nonfinite": cap.nonfinite_report()["first"]}
 
 
@@ -178,10 +179,11 @@ def write_half(writer, name: str, cap, image: np.ndarray, *, model_info: dict, i
 
 
 def compare_manifest(args, *, mode: str, models: dict, image_info: dict, prompts, calls: int, qcfg,
-                     extra: dict | None = None) -> dict:
-    """`manifest.json` of a compare run (docs/compare.md): written last."""
+                     extra: dict | None = None, sha=None) -> dict:
+    """`manifest.json` of a compare run (docs/compare.md): written last. `sha`: as in `model_entry`."""
     from sam2_layerwise.store import compare_run as cr
 
+    sha = sha or cr.sha256_file
     full_dtype = getattr(args, "full_dtype", "fp32")
     qpath = Path(args.config_quantized).expanduser()
     return {
@@ -193,7 +195,7 @@ def compare_manifest(args, *, mode: str, models: dict, image_info: dict, prompts
         "full_dtype": FULL_DTYPES[full_dtype] if mode == "full" else None,
         "halves": {name: f"{name}/" for name in cr.HALVES},
         "models": models,
-        "quantization_config": {"path": str(qpath.resolve()), "sha256": cr.sha256_file(qpath),
+        "quantization_config": {"path": str(qpath.resolve()), "sha256": sha(qpath),
                                 "text": qpath.read_text(errors="replace"),
                                 "base_config": getattr(qcfg, "base_config", None)},
         "image": image_info,
@@ -218,17 +220,22 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
     from sam2_layerwise.store.atomic import atomic_write_json
     from sam2_layerwise.store.layout import RunWriter
 
+    from sam2_layerwise.store.hashing import BackgroundHashes
+
     full = bool(args.save_full_attn)
     mode = "full" if full else "light"
     attribute = getattr(args, "attribute", False)
-    info = image_info(args.image, image)
+    hashes = BackgroundHashes()  # the manifest's SHA-256s, taken while the models build and run
+    hashes.start(args.image, args.config_quantized, specs[0].config, specs[0].checkpoint)
+    info = None
     out_opts = output_options(full, args.full_dtype)
     command = ["sam2-layerwise", *getattr(args, "argv", [])]
     models, selection, calls, extra = {}, None, 0, {}
     fp_side = None  # attribution: what the float half leaves behind (state, prediction, block cache)
     owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)  # a new compare also drops the old analysis
-    with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer:
+    with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer, hashes:
         for spec in specs:
+            hashes.start(spec.config, spec.checkpoint)
             loaded, qm = _build(spec, args)
             keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
             chosen = layer_sel.select(keys, args.layers)
@@ -261,16 +268,17 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 extra["attribution"] = _attribute_one(loaded.model, qm, image, prompts, cap, cache, fp_side, args)
                 atomic_write_json(extra["attribution"], writer.path(cr.ATTRIBUTION))
                 fp_side = None
+            info = info or image_info(args.image, image, hashes.get(args.image))
             write_half(writer, spec.name, cap, image, model_info=loaded.describe(), image_info=info,
                        out_opts=out_opts, command=command, mode=mode, full=full, qm=qm,
                        kept=kept if qm is not None else None)
             calls = len(cap.attention)
-            models[spec.name] = model_entry(loaded, qm, cap)
+            models[spec.name] = model_entry(loaded, qm, cap, sha=hashes.get)
             del cap, loaded, qm, cache
             gc.collect()  # one model at a time
         manifest = compare_manifest(args, mode=mode, models=models, image_info=info, prompts=prompts, calls=calls,
                                     qcfg=specs[-1].qcfg,
-                                    extra={"attribution": cr.ATTRIBUTION} if attribute else None)
+                                    extra={"attribution": cr.ATTRIBUTION} if attribute else None, sha=hashes.get)
         atomic_write_json(manifest, writer.path(cr.MANIFEST))
     return {"mode": mode, "attention_calls": calls, "attribution": extra.get("attribution")}
 

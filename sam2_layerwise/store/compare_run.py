@@ -7,13 +7,13 @@ stay inside the run directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.store import layout
+from sam2_layerwise.store.hashing import sha256_file  # noqa: F401  (compare's callers use it from here)
 
 COMPARE_RUN = layout.COMPARE_RUN
 MANIFEST = COMPARE_RUN.marker
@@ -23,14 +23,6 @@ HALVES = ("original", "quantized")
 ANALYSIS = "analysis"
 ATTRIBUTION = "attribution.json"  # compare --attribute: per-layer counterfactual IoU changes
 MODES = {"light": "--save-raw", "full": "--save-full-attn"}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -102,7 +102,7 @@ def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarr
         files["prediction_images"] = []
         for name, img in prediction_images(image, pred.masks, pred.iou_predictions, cap.prompts).items():
             rel = f"{layout.PREDICTION_IMAGES}/{name}"
-            atomic_save_png(img, writer.path(rel))
+            atomic_save_png(img, writer.path(rel), compress_level=1)  # ~4x faster than zlib's default, ~10% larger
             files["prediction_images"].append(rel)
     if opts.save_attn or opts.save_qkv:
         for record in tqdm(cap.attention, desc="saving tensors", unit="layer", leave=False, disable=None):

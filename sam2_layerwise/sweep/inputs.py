@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sam2_layerwise.errors import InputError, one_line
+from sam2_layerwise.store.hashing import sha256_file
 
 FLAG = "--inputs"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -112,14 +113,6 @@ class AutoPrompts:
 
 
 # -- files ---------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def image_header_size(path: Path) -> tuple[int, int]:
     """(width, height) as `inputs.load_image` will see the image (EXIF rotation applied), from the header only."""
     from PIL import Image

@@ -39,7 +39,7 @@ def _models(args):
     """The quantization config, the float config (its base_config when omitted) and the four files' SHA-256."""
     from sam2_layerwise.cli.compare import quant_config_and_base
     from sam2_layerwise.model.loading import resolve_checkpoint, resolve_config
-    from sam2_layerwise.sweep.inputs import sha256_file
+    from sam2_layerwise.store.hashing import sha256_file
 
     qcfg = quant_config_and_base(args)
     try:

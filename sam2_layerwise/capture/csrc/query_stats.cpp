@@ -590,7 +590,8 @@ HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, floa
 }  // namespace
 
 // Uniform fake quantization of a float32 CPU tensor in one parallel read, bit-identical to torch's ops. Per tensor
-// (scale and zero_point of one element): x may have any dense layout (the output gets x's strides). Per channel
+// (scale and zero_point of one element): x may have any layout without overlaps (the output gets the strides
+// torch's ops give it). Per channel
 // (C elements along `axis`): x must be contiguous; each run of `inner` elements has one channel's parameters.
 // Returns [out] or, with monitor, [out, (clipped, sum (out - x)^2, sum x^2, max |out - x|) float64]; an empty list
 // when the layout does not fit (the caller then uses torch's ops).
@@ -607,7 +608,13 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torc
         inner = 1;
         for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
     } else if (!x.is_non_overlapping_and_dense()) {
-        return {};
+        // a view with gaps (q of a fused qkv projection): copied into the dense layout torch's ops would give their
+        // output (empty_like's: the same order of strides), one extra pass; overlapping views take torch's ops
+        for (int64_t d = 0; d < x.dim(); ++d) {
+            if (x.stride(d) == 0 && x.size(d) > 1) return {};
+        }
+        x = torch::empty_like(x).copy_(x);
+        if (!x.is_non_overlapping_and_dense()) return {};
     }
     torch::Tensor out = torch::empty_like(x, at::MemoryFormat::Preserve);
     TORCH_CHECK(out.strides() == x.strides(), "the output did not get x's layout");
