@@ -130,8 +130,7 @@ static INLINE double sum_range(Sums& acc, const float* s, int64_t a, int64_t b) 
         part += e;
         acc.wv += e * t;
     }
-    double sum = 0.0;
-    for (int64_t l = 0; l < L; ++l) sum += part[l];
+    double sum = tree_reduce<double>(__builtin_convertvector(part, vd), false);
     acc.zv += part;
     for (; i < b; ++i) {
         const float t = (s[i] - acc.m) * acc.scale;
@@ -159,14 +158,11 @@ HOT static float row_sums(const float* s, int64_t ld, int64_t nk, float scale, f
             acc = acc < v ? v : acc;
         }
         std::memcpy(cm + b0 / L, &acc, sizeof acc);
-        float bm = acc[0];
-        for (int64_t l = 1; l < L; ++l) bm = bm < acc[l] ? acc[l] : bm;
-        cm[nchunks + L + b0 / BLOCK] = bm;
+        cm[nchunks + L + b0 / BLOCK] = tree_reduce<float>(acc, true);
         rowmax = rowmax < acc ? acc : rowmax;
     }
     std::memcpy(cm + nchunks, &rowmax, sizeof rowmax);
-    float m = rowmax[0];
-    for (int64_t l = 1; l < L; ++l) m = m < rowmax[l] ? rowmax[l] : m;
+    const float m = tree_reduce<float>(rowmax, true);
 
     Sums acc{splat(m), m, scale};
     if (nseg) {
@@ -180,13 +176,8 @@ HOT static float row_sums(const float* s, int64_t ld, int64_t nk, float scale, f
     } else {
         sum_range(acc, s, 0, nk);
     }
-    double zt = acc.zt, wt = acc.wt;
-    for (int64_t l = 0; l < L; ++l) {
-        zt += acc.zv[l];
-        wt += acc.wv[l];
-    }
-    out->z = zt;
-    out->w = wt;
+    out->z = acc.zt + tree_reduce<double>(__builtin_convertvector(acc.zv, vd), false);
+    out->w = acc.wt + tree_reduce<double>(__builtin_convertvector(acc.wv, vd), false);
     return m;
 }
 
@@ -199,6 +190,39 @@ static INLINE void push(float* best, int64_t& count, int64_t k, float x) {
         --i;
     }
     best[i] = x;
+}
+
+// Short rows (ld <= BLOCK, padded with -inf to ld, a multiple of L): the sum over the k largest values x of
+// f(x), in at most k + 1 rounds, each one read of the row finding the largest value below the previous one and
+// counting the previous one's copies (ties count as often as they occur). No per-key branches, no sorted list,
+// no per-row setup: on rows of 16-256 keys this beats ranking candidates chunk by chunk.
+template <typename F>
+static INLINE double topk_rounds(const float* x, int64_t ld, int64_t k, F f) {
+    const float inf = std::numeric_limits<float>::infinity();
+    const int64_t nv = ld / L;
+    double total = 0.0;
+    float upper = inf;  // the value found last round
+    int64_t remaining = k;
+    while (remaining > 0) {
+        const vf vu = splat(upper);
+        vf cur = splat(-inf), same{};
+        for (int64_t j = 0; j < nv; ++j) {
+            const vf v = load(x + j * L);
+            const vf below = v < vu ? v : splat(-inf);  // two selects: GCC lowers an AND of masks through memory
+            cur = below > cur ? below : cur;
+            same += v == vu ? splat(1.0f) : vf{};
+        }
+        if (upper < inf) {  // copies of last round's value: as many as still wanted
+            const float copies = tree_reduce<float>(same, false);  // whole numbers <= 256: exact in any order
+            const int64_t take = std::min<int64_t>(remaining, static_cast<int64_t>(copies));
+            total += f(upper) * take;
+            remaining -= take;
+        }
+        const float next = tree_reduce<float>(cur, true);
+        if (!(next > -inf)) break;  // no smaller value left (or NaN)
+        upper = next;
+    }
+    return total;
 }
 
 // The k-th largest of the 16 values at v (1 <= k <= 16): each lane is ranked against every other, with no
@@ -219,6 +243,9 @@ static INLINE float kth_of_block(const float* v, int64_t k) {
 // k-th largest chunk maximum (k <= chunks), or -inf. Blocks and chunks whose maximum is below theta are skipped. `best` has room for k values.
 HOT static double row_topk(const float* s, int64_t ld, const float* cm, int64_t nchunks, int64_t k, float m,
                            float scale, float* best) {
+    if (ld <= BLOCK) {
+        return topk_rounds(s, ld, k, [m, scale](float x) { return static_cast<double>(exp_nonpos1((x - m) * scale)); });
+    }
     float theta = -std::numeric_limits<float>::infinity();
     int64_t count = 0;
     if (k <= L) {
@@ -665,40 +692,6 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torc
 
 namespace {
 
-// The sum of the k largest of x[0..n) for short rows (n <= BLOCK): k rounds, each one read of the padded row
-// finding the largest value below the previous one and counting the previous one's copies (ties), so no per-key
-// branches and no sorted list.
-HOT static double topk_short(const float* x, int64_t n, int64_t k) {
-    const float inf = std::numeric_limits<float>::infinity();
-    float buf[BLOCK + L];
-    const int64_t nv = (n + L - 1) / L;
-    std::memcpy(buf, x, sizeof(float) * n);
-    for (int64_t j = n; j < nv * L; ++j) buf[j] = -inf;
-    double total = 0.0;
-    float upper = inf;  // the value found last round
-    int64_t remaining = k;
-    while (remaining > 0) {
-        const vf vu = splat(upper);
-        vf cur = splat(-inf), same{};
-        for (int64_t j = 0; j < nv; ++j) {
-            const vf v = load(buf + j * L);
-            const vf below = v < vu ? v : splat(-inf);  // two selects: GCC lowers an AND of masks through memory
-            cur = below > cur ? below : cur;
-            same += v == vu ? splat(1.0f) : vf{};
-        }
-        if (upper < inf) {  // copies of last round's value: as many as still wanted
-            const float copies = tree_reduce<float>(same, false);  // whole numbers <= 256: exact in any order
-            const int64_t take = std::min<int64_t>(remaining, static_cast<int64_t>(copies));
-            total += static_cast<double>(upper) * take;
-            remaining -= take;
-        }
-        const float next = tree_reduce<float>(cur, true);
-        if (!(next > -inf)) break;  // no smaller value left (or NaN)
-        upper = next;
-    }
-    return total;
-}
-
 // One row of a tile an explicit attention kernel computed: scores s [nk] and p = softmax(s) [nk] as torch computed
 // them. With m = max s, z = sum exp(s - m) = 1 / max p: H = log z - sum p (s - m) (no log per key), max p, and the
 // top-k mass summed from p itself. Keys in whole 16-lane vectors form chunks as in `row_sums` (lane l of a block of
@@ -744,7 +737,11 @@ HOT static void probs_row(const float* s, const float* p, int64_t nk, int64_t k,
         return;
     }
     if (nk <= BLOCK) {
-        *top = static_cast<float>(topk_short(p, nk, k));
+        float buf[BLOCK];
+        const int64_t ld = (nk + L - 1) / L * L;
+        std::memcpy(buf, p, sizeof(float) * nk);
+        for (int64_t j = nk; j < ld; ++j) buf[j] = -inf;
+        *top = static_cast<float>(topk_rounds(buf, ld, k, [](float x) { return static_cast<double>(x); }));
         return;
     }
     float theta = -inf;
