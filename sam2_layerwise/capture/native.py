@@ -140,22 +140,30 @@ def path_name() -> str:
     return "compiled" if kernel() is not None else "torch"
 
 
-_taken: set[str] = set()  # the paths all-query statistics took since the last `reset_taken()`
+class _Taken(threading.local):
+    """The paths all-query statistics took since the last `reset_taken()`, per thread: a capture runs on one
+    thread, and two captures may run at once (compare --video tracks both models in lockstep)."""
+
+    def __init__(self):
+        self.paths: set[str] = set()
+
+
+_taken = _Taken()
 
 
 def note_taken(path: str) -> None:
-    _taken.add(path)
+    _taken.paths.add(path)
 
 
 def reset_taken() -> None:
     """Called when a capture starts, so its summary names the paths its own statistics took."""
-    _taken.clear()
+    _taken.paths.clear()
 
 
 def used() -> str | None:
-    """The path(s) statistics took since the capture started: 'compiled', 'torch' (the fallback, a GPU, or a
-    quantized model's probability transform), 'compiled+torch', or None when none were computed."""
-    return "+".join(sorted(_taken)) or None
+    """The path(s) statistics took since the capture started (on this thread): 'compiled', 'torch' (the fallback,
+    a GPU, or a quantized model's probability transform), 'compiled+torch', or None when none were computed."""
+    return "+".join(sorted(_taken.paths)) or None
 
 
 def query_stats(q: torch.Tensor, k: torch.Tensor, scale: float, topk: int, segments, stats: bool):
