@@ -30,6 +30,7 @@ from sam2_layerwise.store.atomic import atomic_save_png, link_or_copy
 log = logging.getLogger("sam2_layerwise")
 
 PANEL_TILE = 256  # px, long side of one frame in a memory panel
+PANEL_BAR_MIN = 64  # px, least height of a memory panel (the pointer bar's scale), however thin the frames
 
 
 def frame_tag(index: int) -> str:
@@ -212,7 +213,7 @@ class VideoRenderer:
             tiles.append((im, f"f{s['frame']}{cond} age {s.get('age')}: {mass:.1%}", (235, 235, 235)))
         ptr_share = float(sum(segment_values(values, s, v.key_pooling)[0].sum() for s in segs
                               if s["kind"] == "object_pointer"))
-        th = max(t[0].height for t in tiles)
+        th = max(PANEL_BAR_MIN, *(t[0].height for t in tiles))  # a 1500x20 frame's tile is 3 px high: the bar needs room
         bar_w = 90
         width = sum(t[0].width + 6 for t in tiles) + bar_w
         canvas = Image.new("RGB", (width, th + 22), colors.LEGEND_BG)
