@@ -93,10 +93,11 @@ class VideoSource:
 
     def __init__(self, path: Path, kind: str, frames: list[FrameInfo], width: int, height: int, total: int | None,
                  selection: FrameSelection, files: list[Path], cache_dir: Path | None = None, fps: float | None = None,
-                 codec: str | None = None):
+                 codec: str | None = None, rotation: int = 0):
         self.path, self.kind, self.frames = path, kind, frames
         self.width, self.height, self.total = width, height, total
         self.selection, self.fps, self.codec = selection, fps, codec
+        self.rotation = rotation  # degrees counter-clockwise the decoded frames were turned to stand upright
         self._files = files  # per selected frame: the image file, or the decoded raw frame (.npy)
         self._cache_dir = cache_dir
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -150,7 +151,7 @@ class VideoSource:
         """The summary's `video` section."""
         return {"path": str(self.path), "kind": self.kind, "width": self.width, "height": self.height,
                 "source_frames": self.total, "selection": self.selection.to_dict(), "frames": len(self.frames),
-                "fps": self.fps, "codec": self.codec}
+                "fps": self.fps, "codec": self.codec, "rotation": self.rotation}
 
 
 def _kind_of(path: Path) -> str:
@@ -214,6 +215,18 @@ def _pick(total: int, sel: FrameSelection, flag: str, p: Path) -> list[int]:
     return picked[:sel.max_frames] if sel.max_frames else picked
 
 
+def display_turns(frame) -> int:
+    """Quarter turns counter-clockwise (np.rot90's k) that stand a decoded video frame upright the way players
+    do. A phone's portrait video is stored landscape with a display matrix saying "turn 90 degrees clockwise";
+    FFmpeg reports that as -90 (counter-clockwise), so k = -90 / 90 mod 4 = 3. Clicks are given on the upright
+    picture, as EXIF orientation is applied to photographs."""
+    try:
+        degrees = float(getattr(frame, "rotation", 0) or 0)
+    except (TypeError, ValueError):  # an older PyAV, or a matrix it cannot read: as stored
+        return 0
+    return int(round(degrees / 90)) % 4 if np.isfinite(degrees) else 0
+
+
 def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> VideoSource:
     try:
         import av
@@ -244,6 +257,7 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
             stream.thread_type = "AUTO"
             fps = float(stream.average_rate) if stream.average_rate else None
             files, source, n = [], [], -1
+            rotation = 0  # degrees counter-clockwise applied to the selected frames (display matrix)
             first_shape = None  # [H, W, 3] of the first selected frame
             want = sel.max_frames
             try:
@@ -255,7 +269,12 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
                     if frame.width * frame.height > max_pixels:
                         raise InputError(f"frame {n} is {frame.width}x{frame.height}, more than --max-pixels "
                                          f"{max_pixels}", flag=flag, value=str(p))
-                    arr = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                    turns = display_turns(frame)
+                    arr = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8, as stored
+                    if turns:  # as players show it (and `ffmpeg -i clip.mp4 frames/%05d.png` writes it)
+                        arr = np.ascontiguousarray(np.rot90(arr, turns))
+                    if not files:
+                        rotation = turns * 90
                     if files and arr.shape != first_shape:
                         raise InputError(f"frames differ in size: frame {source[0]} is {first_shape[1]}x"
                                          f"{first_shape[0]}, frame {n} is {arr.shape[1]}x{arr.shape[0]}", flag=flag,
@@ -279,7 +298,8 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
                              flag="--frames", value=f"{sel.start}:{'' if sel.stop is None else sel.stop}")
         h, w = first_shape[:2]
         frames = [FrameInfo(i, s, f"frame {s}") for i, s in enumerate(source)]
-        return VideoSource(p, "file", frames, w, h, total, sel, files, cache_dir=cache, fps=fps, codec=codec)
+        return VideoSource(p, "file", frames, w, h, total, sel, files, cache_dir=cache, fps=fps, codec=codec,
+                           rotation=rotation)
     except BaseException:
         shutil.rmtree(cache, ignore_errors=True)
         raise
