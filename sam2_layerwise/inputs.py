@@ -67,6 +67,20 @@ def load_image(path: str | Path, flag: str = "--image", max_pixels: int = DEFAUL
     return np.ascontiguousarray(rgb)
 
 
+def image_header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the array `load_image` returns (EXIF orientation applied), from the header only."""
+    with _our_pixel_limit(), Image.open(path) as im:
+        tags = getattr(im, "tag_v2", None)
+        # TIFF: Pillow reports a size already turned by the Orientation tag (it turns the pixels as it loads
+        # them, and exif_transpose then finds nothing to do); the stored dimensions are the header's own
+        w, h = (tags[256], tags[257]) if tags is not None and 256 in tags and 257 in tags else im.size
+        try:
+            orientation = im.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: exif_transpose ignores it too
+            orientation = None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any Pillow mode -> HWC uint8 RGB; 16-bit and integer images scaled to 8 bits, float images stretched."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):

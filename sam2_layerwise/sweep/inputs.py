@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sam2_layerwise.errors import InputError, one_line
+from sam2_layerwise.inputs import image_header_size
 from sam2_layerwise.store.hashing import sha256_file
 
 FLAG = "--inputs"
@@ -113,21 +114,6 @@ class AutoPrompts:
 
 
 # -- files ---------------------------------------------------------------------------------------------------
-def image_header_size(path: Path) -> tuple[int, int]:
-    """(width, height) as `inputs.load_image` will see the image (EXIF rotation applied), from the header only."""
-    from PIL import Image
-
-    from sam2_layerwise.inputs import _our_pixel_limit
-
-    with _our_pixel_limit(), Image.open(path) as im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112)
-        except Exception:  # noqa: BLE001 - a broken EXIF block: the decoder ignores it too
-            orientation = None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 @dataclass(frozen=True)
 class Row:
     """One manifest row or directory entry before the image is looked at."""
