@@ -46,6 +46,16 @@ def one_line(text: str, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
+def utf8_text(text: str) -> str:
+    """`text` as valid Unicode: a file name that is not UTF-8 (Python gives its odd bytes as lone surrogates,
+    `caf\\udce9.png`) keeps its readable part and shows those bytes as `\\xe9`, so tables and pages can hold it."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def few(items: list[str], n: int = 3) -> str:
     """The first `n` items of a list for a one-line message, and how many more there are."""
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

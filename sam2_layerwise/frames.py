@@ -15,6 +15,7 @@ name the source frame beside it (`source_index`, `name`).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -141,7 +142,7 @@ class VideoSource:
         paths = [self.path] if self.kind == "file" else self._files
         for p in paths:
             if self.kind == "directory":
-                h.update(p.name.encode() + b"\0")
+                h.update(os.fsencode(p.name) + b"\0")
             with open(p, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)

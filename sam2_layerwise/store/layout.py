@@ -121,8 +121,8 @@ def check_location(path: str | Path, flag: str, *, directory: bool) -> Path:
     ancestor = _existing_ancestor(p)
     if not ancestor.is_dir():
         raise InputError(f"{ancestor} is not a directory", flag=flag, value=text)
-    if len(p.name.encode()) + _TAG_LEN + 1 > _name_max(ancestor):
-        raise InputError(f"the name is too long ({len(p.name.encode())} bytes; at most "
+    if len(os.fsencode(p.name)) + _TAG_LEN + 1 > _name_max(ancestor):
+        raise InputError(f"the name is too long ({len(os.fsencode(p.name))} bytes; at most "
                          f"{_name_max(ancestor) - _TAG_LEN - 1} here)", flag=flag, value=text)
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"cannot write under {ancestor} (permission denied)", flag=flag, value=text)

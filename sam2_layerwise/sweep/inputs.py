@@ -329,7 +329,8 @@ def plan_items(rows: list[Row], auto: AutoPrompts, models_fingerprint: str) -> l
             image_sha = sha(row.image)
         except OSError as exc:
             reason = f"--inputs {image}: {exc.strerror or exc}"
-            key = hashlib.sha256(f"unreadable\0{image}\0{row.points}\0{row.box}".encode()).hexdigest()
+            named = f"unreadable\0{image}\0{row.points}\0{row.box}".encode("utf-8", "surrogateescape")  # any file name
+            key = hashlib.sha256(named).hexdigest()
             items.append(Item(len(items), image, None, row.points or (), row.box, str(row.mask) if row.mask else None,
                               None, row.source, "manifest" if row.points or row.box else auto.describe(), key,
                               error=reason))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam2_layerwise.errors import InputError
+from sam2_layerwise.errors import InputError, utf8_text
 from sam2_layerwise.store import layout
 
 log = logging.getLogger("sam2_layerwise")
@@ -74,8 +74,9 @@ def frame(rows, schema: dict[str, str]) -> pd.DataFrame:
     df = rows.reindex(columns=list(schema)) if isinstance(rows, pd.DataFrame) else \
         pd.DataFrame(rows, columns=list(schema))
     for col, dtype in schema.items():
-        if dtype == "str":
-            df[col] = df[col].astype(object).where(df[col].notna(), None)
+        if dtype == "str":  # file names that are not UTF-8 as text Parquet can hold
+            df[col] = df[col].astype(object).where(df[col].notna(), None).map(
+                lambda v: utf8_text(v) if isinstance(v, str) else v)
         else:
             df[col] = df[col].astype(dtype)
     return df

@@ -107,10 +107,11 @@ def _finite(v):
 
 def js_file(kind: str, ident: str, data) -> bytes:
     """A data file the page loads with a <script> tag. JSON is JavaScript; `</` is escaped so the text stays
-    inert even if a file is ever inlined into HTML."""
+    inert even if a file is ever inlined into HTML. A file name that is not UTF-8 (a lone surrogate in Python) is
+    written as the JSON escape ensure_ascii would write (`\\udce9`), which JavaScript reads as the same string."""
     text = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     text = text.replace("</", "<\\/")
-    return f"SAM2LW.register({json.dumps(kind)},{json.dumps(ident)},{text});\n".encode()
+    return f"SAM2LW.register({json.dumps(kind)},{json.dumps(ident)},{text});\n".encode("utf-8", "backslashreplace")
 
 
 # -- where a query sits -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ shows it, or ends in one line; none crashes."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -123,3 +124,34 @@ def test_memory_panels_of_very_thin_frames(capsys, tmp_path, tiny_checkpoint):
     assert code == 0, err
     panels = sorted((out / "attn_overlays" / "all").glob("*__memory__mean.png"))
     assert panels and all(Image.open(p).height > 64 for p in panels)
+
+
+# -- file names that are not UTF-8 (an old archive's Latin-1 names) ------------------------------------------------
+LATIN1 = os.fsdecode(b"caf\xe9")  # Python's name for the bytes c a f 0xE9: a lone surrogate, \udce9
+
+
+def test_not_utf8_names_for_the_photograph_and_the_run(capsys, tmp_path, tiny_checkpoint):
+    image = tmp_path / f"{LATIN1}.png"
+    Image.open(COFFEE).convert("RGB").resize((64, 48)).save(image)
+    out = tmp_path / f"run {LATIN1}"
+    code, err = cli(capsys, "visualize", "--config", TINY_CONFIG, "--checkpoint", tiny_checkpoint, "--image", image,
+                    "--points", "30", "20", "1", "--viewer", "--save-attn", "--image-size", "128", "--output-dir", out,
+                    "--layers", "sam_mask_decoder_transformer_layers_0_self_attn", "-q")
+    assert code == 0, err
+    summary = json.loads((out / "layerwise_summary.json").read_text())
+    assert summary["image"]["path"] == str(image.resolve())  # the real name, escaped in JSON
+    index = (out / "viewer" / "viewer_data" / "index.js").read_bytes()
+    assert b"caf\\udce9" in index  # valid UTF-8 JavaScript, the same string as JSON's own escape
+    code, err = cli(capsys, "render", "--run-dir", out, "--render-attn-overlay", "-q")
+    assert code == 0, err
+
+
+def test_not_utf8_names_in_a_frames_folder_and_a_sweep_table(tmp_path):
+    folder = write_frames(tmp_path / "frames", crops(2), names=["a", LATIN1])
+    with open_video(folder) as src:
+        assert src.frames[1].name == f"{LATIN1}.png" and len(src.sha256()) == 64  # compare's manifest hash
+    from sam2_layerwise.sweep.store import _parquet_bytes, columns, frame
+
+    df = frame([{"item": 0, "image": str(folder / f"{LATIN1}.png"), "status": "ok"}], columns()["items"])
+    assert df["image"][0] == f"{folder}/caf\\xe9.png"
+    assert _parquet_bytes(df)[:4] == b"PAR1"
