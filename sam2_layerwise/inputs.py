@@ -122,6 +122,8 @@ def _numbers(values, flag) -> list[float]:
             out.append(float(v))
         except (TypeError, ValueError):
             raise InputError(f"'{v}' is not a number", flag=flag, value=list(values)) from None
+        if not np.isfinite(out[-1]):  # nan, inf, 1e400: no pixel, and a NaN box corner compares false to all
+            raise InputError(f"'{v}' is not a finite number", flag=flag, value=list(values))
     return out
 
 

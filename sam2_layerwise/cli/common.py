@@ -10,10 +10,19 @@ import sys
 from sam2_layerwise.errors import one_line
 
 
+# argparse takes only -1 and -.5 for negative numbers: `--points -1e3 5 1` or `--box -inf ...` read as an unknown
+# flag and ended "--points: expected at least one argument", never naming the value
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the flag and value (`--seed -1: must be 0 or more`),
     exit 2, and a flag that takes one value given twice with different values is an error rather than the
-    last one silently winning."""
+    last one silently winning. Every spelling of a negative number (-1e3, -inf) is a value, not a flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)

@@ -16,7 +16,7 @@ from sam2_layerwise.frames import open_video
 from sam2_layerwise.inputs import image_header_size, load_image
 from sam2_layerwise.sweep.inputs import AutoPrompts, Row, plan_items
 from tests.conftest import COFFEE, TINY_CONFIG
-from tests.hardening.helpers import cli
+from tests.hardening.helpers import cli, one_error
 from tests.video.conftest import crops, write_frames, write_mp4
 
 TURN = {6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90, 3: Image.Transpose.ROTATE_180,
@@ -155,3 +155,33 @@ def test_not_utf8_names_in_a_frames_folder_and_a_sweep_table(tmp_path):
     df = frame([{"item": 0, "image": str(folder / f"{LATIN1}.png"), "status": "ok"}], columns()["items"])
     assert df["image"][0] == f"{folder}/caf\\xe9.png"
     assert _parquet_bytes(df)[:4] == b"PAR1"
+
+
+# -- prompt numbers: every spelling is a value, and a value that is no pixel is named -----------------------------
+@pytest.fixture
+def visualize(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+
+    def run(*prompts):
+        code, err = cli(capsys, "visualize", "--config", TINY_CONFIG, "--checkpoint", tiny_checkpoint, "--image",
+                        COFFEE, *prompts, "--output-dir", out, "-q")
+        return code, err, out
+
+    return run
+
+
+@pytest.mark.parametrize("prompts, needles", [
+    (["--points", "-1e3", "5", "1"], ["--points -1e3 5 1:", "(-1000, 5) is outside the 600x400 image"]),
+    (["--points", "-1.5E-3", "5", "1"], ["--points -1.5E-3 5 1:", "outside"]),
+    (["--box", "-inf", "0", "10", "10"], ["--box -inf 0 10 10:", "'-inf' is not a finite number"]),
+    (["--points", "nan", "5", "1"], ["--points nan 5 1:", "'nan' is not a finite number"]),
+    (["--points", "5", "1e400", "1"], ["--points 5 1e400 1:", "'1e400' is not a finite number"]),
+    (["--box", "0", "0", "nan", "300"], ["--box 0 0 nan 300:", "'nan' is not a finite number"]),
+    (["--points", "5", "5", "1", "--query-points", "-NaN", "3"], ["--query-points -NaN 3:", "not a finite number"]),
+    (["--points", "600", "100", "1"], ["--points 600 100 1:", "(600, 100) is outside the 600x400 image"]),
+    (["--box", "300", "10", "100", "100"], ["--box 300 10 100 100:", "needs x0 < x1 and y0 < y1"]),
+])
+def test_odd_prompt_numbers_are_named(visualize, prompts, needles):
+    code, err, out = visualize(*prompts)
+    one_error(code, err, "visualize", *needles)
+    assert not out.exists()
