@@ -82,15 +82,18 @@ def image_header_size(path: str | Path) -> tuple[int, int]:
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> HWC uint8 RGB; 16-bit and integer images scaled to 8 bits, float images stretched."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """Any Pillow mode -> HWC uint8 RGB. 16-bit images are scaled to 8 bits (/257; values that all fit 8 bits are
+    kept). Integer images whose values leave 0..65535 (negative, or a 32-bit range) and float images are stretched
+    from their smallest to their largest finite value; NaN and -inf are black, +inf white."""
+    if im.mode == "F" or im.mode == "I" or im.mode.startswith("I;"):
         a = np.asarray(im, dtype=np.float64)
-        a = np.clip(a / 257.0, 0, 255) if a.max() > 255 else a
-        im = Image.fromarray(a.astype(np.uint8), "L")
-    elif im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if im.mode != "F" and lo >= 0 and hi <= 65535:
+            a = a / 257.0 if hi > 255 else a
+        else:
+            a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        a = np.nan_to_num(np.clip(a, 0, 255), nan=0.0)  # before the cast: NaN and out-of-range values wrap
         im = Image.fromarray(a.astype(np.uint8), "L")
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 

@@ -185,3 +185,27 @@ def test_odd_prompt_numbers_are_named(visualize, prompts, needles):
     code, err, out = visualize(*prompts)
     one_error(code, err, "visualize", *needles)
     assert not out.exists()
+
+
+# -- integer and float pictures (scientific TIFFs) -----------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda g: g.astype(np.int32) - 128,  # signed: negative values wrapped to bright ones
+    lambda g: g.astype(np.int32) * 1000,  # a 32-bit range: every pixel above 255 * 257 was white
+    lambda g: np.where(g == g.max(), np.inf, g.astype(np.float32)),  # +inf made every other pixel black
+])
+def test_integer_and_float_images_keep_their_picture(tmp_path, photo, make):
+    grey = np.asarray(photo.convert("L"))
+    data = make(grey)
+    floating = data.dtype.kind == "f"
+    if floating:
+        data[0, 0] = np.nan
+    path = tmp_path / "science.tiff"
+    Image.fromarray(data).save(path)
+    image = load_image(path)
+    assert image.shape == (80, 120, 3) and (image[..., 0] == image[..., 2]).all()
+    values = data.astype(float).ravel()[1:]  # the first pixel is NaN in the float picture
+    finite = values[np.isfinite(values)]
+    lo, hi = finite.min(), finite.max()
+    want = np.clip((values - lo) / (hi - lo) * 255, 0, 255)  # stretched from the smallest to the largest value
+    assert np.abs(image[..., 0].astype(float).ravel()[1:] - want).max() <= 1
+    assert not floating or image[0, 0, 0] == 0  # NaN is black
