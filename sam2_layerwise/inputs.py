@@ -27,6 +27,20 @@ def _our_pixel_limit():
         Image.MAX_IMAGE_PIXELS = saved
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+
+
+def image_files(directory: Path, flag: str, value: str) -> list[Path]:
+    """The images of a folder (`quantize --calib-images DIR`, `sweep --inputs DIR`): regular files with an image
+    suffix, sorted by name. Hidden entries are skipped: a folder copied from a Mac holds `._IMG_1.jpg` resource
+    forks and `.DS_Store`, which are no pictures."""
+    try:
+        return sorted(f for f in directory.iterdir()
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file())
+    except OSError as exc:
+        raise InputError(f"cannot list it ({exc.strerror or exc})", flag=flag, value=value) from None
+
+
 DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels: a 100 MP camera photograph fits; decoding it takes ~0.4 GB as RGB
 
 

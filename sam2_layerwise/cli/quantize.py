@@ -21,9 +21,6 @@ EXAMPLES = """examples:
   sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_b+.yaml --checkpoint w8a8_b+.pt \\
       --adaptive-qat-config examples/quantization/w8a8.yaml --image photo.jpg --points 320 240 1"""
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
-
-
 # -- shared with visualize ------------------------------------------------------------------------------------
 QAT_HELP = ("run the fake-quantized model this quantization config describes (docs/quantization.md); "
             "--checkpoint then holds its learned scales (from QAT or 'sam2-layerwise quantize')")
@@ -93,12 +90,14 @@ def add_arguments(p) -> None:
 
 
 def calibration_files(entries: list[str], limit: int) -> list[Path]:
-    """Files as given; directories expand to their images (by suffix, sorted by name)."""
+    """Files as given; directories expand to their images (`inputs.image_files`: by suffix, sorted by name)."""
+    from sam2_layerwise.inputs import IMAGE_SUFFIXES, image_files
+
     files: list[Path] = []
     for e in entries:
         p = Path(e).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(p, "--calib-images", e)
             if not found:
                 raise InputError(f"directory holds no images ({', '.join(IMAGE_SUFFIXES[:5])}, ...)",
                                  flag="--calib-images", value=e)

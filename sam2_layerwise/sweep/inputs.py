@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from sam2_layerwise.errors import InputError, one_line
-from sam2_layerwise.inputs import image_header_size
+from sam2_layerwise.inputs import IMAGE_SUFFIXES, image_files, image_header_size
 from sam2_layerwise.store.hashing import sha256_file
 
 FLAG = "--inputs"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 MANIFEST_LIMIT = 64 << 20  # bytes
 MAX_ROWS = 1_000_000
 MAX_AUTO = {"grid": 32, "random": 1000}  # grid:N is N x N clicks; random:N is N clicks
@@ -283,11 +282,7 @@ def read_inputs(spec: str) -> tuple[str, list[Row]]:
     if not p.exists():
         raise InputError("no such file or directory", flag=FLAG, value=text)
     if p.is_dir():
-        try:
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                           and f.is_file())
-        except OSError as exc:
-            raise InputError(f"cannot list it ({exc.strerror or exc})", flag=FLAG, value=text) from None
+        files = image_files(p, FLAG, text)
         if not files:
             raise InputError(f"holds no image ({', '.join(IMAGE_SUFFIXES[:5])}, ...); give a directory of images or "
                              f"a manifest", flag=FLAG, value=text)

@@ -209,3 +209,20 @@ def test_integer_and_float_images_keep_their_picture(tmp_path, photo, make):
     want = np.clip((values - lo) / (hi - lo) * 255, 0, 255)  # stretched from the smallest to the largest value
     assert np.abs(image[..., 0].astype(float).ravel()[1:] - want).max() <= 1
     assert not floating or image[0, 0, 0] == 0  # NaN is black
+
+
+# -- folders of images as people have them ------------------------------------------------------------------------
+def test_folders_copied_from_a_mac_calibrate_and_sweep(tmp_path, photo):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo.save(folder / "b.JPG", format="JPEG")
+    photo.save(folder / "a.png")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # AppleDouble: not a picture
+    (folder / ".DS_Store").write_bytes(b"Bud1")
+    (folder / "album.png").mkdir()
+    from sam2_layerwise.cli.quantize import calibration_files
+    from sam2_layerwise.sweep.inputs import read_inputs
+
+    assert [f.name for f in calibration_files([str(folder)], 64)] == ["a.png", "b.JPG"]
+    kind, rows = read_inputs(str(folder))
+    assert kind == "directory" and [r.image.name for r in rows] == ["a.png", "b.JPG"]
