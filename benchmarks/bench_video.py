@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "examples" / "images" / "coffee.png"
 MODES = {
     "plain SAM2VideoPredictor": None,
-    "capture, default (memory mass on 1/16 of the queries)": {"all_query_stats": False},
-    "capture, --memory-mass all (every query)": {"all_query_stats": False, "memory_mass": "all"},
+    "capture, default (memory mass over every query)": {"all_query_stats": False, "memory_mass": "all"},
+    "capture, --memory-mass sampled (1/16 of the queries)": {"all_query_stats": False, "memory_mass": "sampled"},
     "capture, --memory-mass selected": {"all_query_stats": False, "memory_mass": "selected"},
     "capture, --query-stats all": {"all_query_stats": True, "memory_mass": "all"},
 }

@@ -37,9 +37,9 @@ class CaptureOptions:
     all_query_kinds: with all_query_stats, only attention kinds starting with one of these run the all-query
     statistics; None = every kind.
     memory_mass: memory cross-attention's mass per memory frame / object pointer beyond the selected queries:
-    "all" (every query, tile by tile; always with all-query statistics), "sampled" (the queries on a regular grid,
-    every `memory_mass_stride`-th token per row and column: the video default, 1/16 of the cost), "selected"
-    (only the selected queries).
+    "all" (every query, tile by tile, by the compiled kernel: the default; always with all-query statistics),
+    "sampled" (the queries on a regular grid, every `memory_mass_stride`-th token per row and column: 1/16 of
+    the cost), "selected" (only the selected queries).
     output_stats: shape, mean, std, min and max of every block's and attention module's output, and the check
     for non-finite q/k/v and outputs (a few passes over every activation); off = only the attention records
     (sweep's per-item capture, which reports neither).
@@ -53,7 +53,7 @@ class CaptureOptions:
     chunk_elements: int = 1 << 20
     keep_all_qkv: bool = False
     all_query_kinds: tuple[str, ...] | None = None
-    memory_mass: str = "sampled"
+    memory_mass: str = "all"
     memory_mass_stride: int = 4
     output_stats: bool = True
 

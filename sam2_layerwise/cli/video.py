@@ -30,9 +30,8 @@ def add_video_arguments(p) -> None:
                    help="source frames A to B, inclusive (A:, :B and a single A work too)")
     g.add_argument("--memory-mass", choices=["sampled", "all", "selected"], default=None,
                    help="memory attention's mass per memory frame and object pointer beyond the selected queries: "
-                        "sampled (default: every 4th token per row and column, 1/16 of the queries), all (every "
-                        "query, tile by tile: as costly as memory attention itself), selected (none beyond them); "
-                        "--query-stats all implies all")
+                        "all (default: every query, tile by tile), sampled (every 4th token per row and column, "
+                        "1/16 of the queries: cheaper), selected (none beyond them); --query-stats all implies all")
 
 
 def video_mode(args) -> bool:
@@ -92,7 +91,7 @@ def capture_options(args, chosen, plan, **extra):
     every = args.query_stats == "all"
     return CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
                           all_query_stats=every, keep_qkv=args.save_qkv or plan.active or getattr(args, "viewer", False),
-                          memory_mass="all" if every else (getattr(args, "memory_mass", None) or "sampled"),
+                          memory_mass="all" if every else (getattr(args, "memory_mass", None) or "all"),
                           layers=None if args.layers is None else tuple(chosen), **extra)
 
 

@@ -72,10 +72,10 @@ def test_frames_folder_run(run_cli, frames_dir):
             assert any(f"__click0__mem_f{s_['frame']:04d}__mean" in p for p in overlays), (s_, overlays)
     assert e["files"]["memory_panels"] and all((out / p).is_file() for p in e["files"]["memory_panels"] + overlays)
     assert e["memory_mass"]["all_queries"]["pointer_share"] > 0
-    assert e["memory_mass"]["all_queries"]["queries"] == "sampled"  # default: a 4x4 grid of the 8x8 tokens
-    assert e["memory_mass"]["all_queries"]["sampled_queries"] == [18, 22, 50, 54]
-    assert attn["segment_mass"].shape[2] == 4
-    assert s["capture_options"]["memory_mass"] == "sampled" and not s["capture_options"]["all_query_stats"]
+    assert e["memory_mass"]["all_queries"]["queries"] == "all"  # default: every query, tile by tile
+    assert e["memory_mass"]["all_queries"]["sampled_queries"] is None
+    assert attn["segment_mass"].shape[2] == 64  # the 8x8 query tokens
+    assert s["capture_options"]["memory_mass"] == "all" and not s["capture_options"]["all_query_stats"]
     assert (out / "attn_topk" / "topk_memory_cross.txt").is_file()
 
 
@@ -88,9 +88,13 @@ def test_video_file_and_frame_selection(run_cli, video_mp4):
     assert s["frames"]["prompt_frame"] == 1 and s["frames"]["prompt_source_index"] == 3
     assert [f["name"] for f in s["frames"]["list"]] == ["frame 1", "frame 3"]
     assert {e["frame"] for e in s["attention"] if e["kind"] == "memory_cross"} == {0}
-    code, err, out2 = run_cli("--max-frames", "2", video=video_mp4)
+    code, err, out2 = run_cli("--max-frames", "2", "--memory-mass", "sampled", video=video_mp4)
     assert code == 0, err
-    assert _summary(out2)["frames"]["count"] == 2
+    s2 = _summary(out2)
+    assert s2["frames"]["count"] == 2 and s2["capture_options"]["memory_mass"] == "sampled"
+    e = next(e for e in s2["attention"] if e["kind"] == "memory_cross")
+    assert e["memory_mass"]["all_queries"]["queries"] == "sampled"  # a 4x4 grid of the 8x8 tokens
+    assert e["memory_mass"]["all_queries"]["sampled_queries"] == [18, 22, 50, 54]
 
 
 def _bad_frames(tmp_path, what):
