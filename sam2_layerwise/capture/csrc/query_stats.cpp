@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t L = 16;                 // lanes: keys per chunk row; a chunk is 16 keys strided by L
 constexpr int64_t BLOCK = L * L;          // keys per block of 16 chunks
+constexpr int64_t SPAN = 4096;            // values summed in float lanes before they go to float64
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -395,7 +396,6 @@ struct Moments {
 // min, max, sum and sum of squares of x[0..n) in one read (sums in float lanes per 4096 values, then double).
 HOT static Moments moments(const float* x, int64_t n) {
     Moments m{splat(std::numeric_limits<float>::infinity()), splat(-std::numeric_limits<float>::infinity())};
-    constexpr int64_t SPAN = 4096;
     for (int64_t a = 0; a < n; a += SPAN) {
         const int64_t b = std::min(n, a + SPAN);
         vf s{}, q{};
@@ -458,44 +458,79 @@ namespace {
 struct ErrorSums {
     double clipped = 0.0, err2 = 0.0, ref2 = 0.0;
     float max_err = 0.0f;
+
+    void add(const ErrorSums& o) {
+        clipped += o.clipped;
+        err2 += o.err2;
+        ref2 += o.ref2;
+        max_err = std::max(max_err, o.max_err);
+    }
+
+    // one value x, its fake-quantized q and (when has_code) its unclamped code
+    void add_one(float x, float q, bool has_code, float code, float lo, float hi) {
+        const float e = q - x;
+        err2 += static_cast<double>(e) * e;
+        ref2 += static_cast<double>(x) * x;
+        max_err = std::max(max_err, std::fabs(e));
+        if (has_code && (code < lo || code > hi)) clipped += 1.0;
+    }
+
+    // (codes outside [lo, hi], sum (q - x)^2, sum x^2, max |q - x|) as float64
+    torch::Tensor tensor() const {
+        return torch::tensor({clipped, err2, ref2, static_cast<double>(max_err)},
+                             torch::TensorOptions().dtype(torch::kFloat64));
+    }
 };
 
-// One read of x, its fake-quantized xq and (when raw) the unclamped codes: codes outside [lo, hi], sum (xq - x)^2,
-// sum x^2 and max |xq - x| (float lanes per 4096 values, then double).
-HOT static ErrorSums error_sums(const float* x, const float* xq, const float* raw, float lo, float hi, int64_t n) {
-    ErrorSums out;
-    vf mx{};
-    constexpr int64_t SPAN = 4096;
-    for (int64_t a = 0; a < n; a += SPAN) {
-        const int64_t b = std::min(n, a + SPAN);
-        vf e2{}, r2{}, cl{};
-        int64_t i = a;
-        for (; i + L <= b; i += L) {
-            const vf v = load(x + i), e = load(xq + i) - v;
-            e2 += e * e;
-            r2 += v * v;
-            const vf ae = e < 0 ? -e : e;
-            mx = ae > mx ? ae : mx;
-            if (raw) {
-                const vf c = load(raw + i);
-                cl += c < lo ? splat(1.0f) : vf{};  // two selects, see fake_quant_span
-                cl += c > hi ? splat(1.0f) : vf{};
-            }
-        }
+// ErrorSums in float lanes, 16 values at a time; `flush` moves the sums into float64 (once per 4096 values).
+struct ErrorLanes {
+    vf e2{}, r2{}, cl{}, mx{};
+
+    INLINE void add(vf x, vf q) {
+        const vf e = q - x;
+        e2 += e * e;
+        r2 += x * x;
+        const vf ae = e < 0 ? -e : e;
+        mx = ae > mx ? ae : mx;
+    }
+
+    INLINE void add_code(vf code, vf lo, vf hi) {
+        // two selects: GCC lowers an OR of two AVX-512 masks through memory (4x slower)
+        cl += code < lo ? splat(1.0f) : vf{};
+        cl += code > hi ? splat(1.0f) : vf{};
+    }
+
+    INLINE void flush(ErrorSums& out) {
         for (int64_t l = 0; l < L; ++l) {
             out.err2 += e2[l];
             out.ref2 += r2[l];
             out.clipped += cl[l];
         }
-        for (; i < b; ++i) {
-            const float e = xq[i] - x[i];
-            out.err2 += static_cast<double>(e) * e;
-            out.ref2 += static_cast<double>(x[i]) * x[i];
-            out.max_err = std::max(out.max_err, std::fabs(e));
-            if (raw && (raw[i] < lo || raw[i] > hi)) out.clipped += 1.0;
-        }
+        e2 = r2 = cl = vf{};
     }
-    for (int64_t l = 0; l < L; ++l) out.max_err = std::max(out.max_err, mx[l]);
+
+    INLINE void finish(ErrorSums& out) const {
+        for (int64_t l = 0; l < L; ++l) out.max_err = std::max(out.max_err, mx[l]);
+    }
+};
+
+// One read of x, its fake-quantized xq and (when raw) the unclamped codes: codes outside [lo, hi], sum (xq - x)^2,
+// sum x^2 and max |xq - x|.
+HOT static ErrorSums error_sums(const float* x, const float* xq, const float* raw, float lo, float hi, int64_t n) {
+    ErrorSums out;
+    ErrorLanes lanes;
+    const vf vlo = splat(lo), vhi = splat(hi);
+    for (int64_t a = 0; a < n; a += SPAN) {
+        const int64_t b = std::min(n, a + SPAN);
+        int64_t i = a;
+        for (; i + L <= b; i += L) {
+            lanes.add(load(x + i), load(xq + i));
+            if (raw) lanes.add_code(load(raw + i), vlo, vhi);
+        }
+        lanes.flush(out);
+        for (; i < b; ++i) out.add_one(x[i], xq[i], raw != nullptr, raw ? raw[i] : 0.0f, lo, hi);
+    }
+    lanes.finish(out);
     return out;
 }
 
@@ -527,14 +562,8 @@ torch::Tensor quant_error(torch::Tensor x, torch::Tensor xq, torch::Tensor raw, 
         });
     }
     ErrorSums all;
-    for (const auto& f : found) {
-        all.clipped += f.clipped;
-        all.err2 += f.err2;
-        all.ref2 += f.ref2;
-        all.max_err = std::max(all.max_err, f.max_err);
-    }
-    return torch::tensor({all.clipped, all.err2, all.ref2, static_cast<double>(all.max_err)},
-                         torch::TensorOptions().dtype(torch::kFloat64));
+    for (const auto& f : found) all.add(f);
+    return all.tensor();
 }
 
 namespace {
@@ -557,60 +586,42 @@ static INLINE vf round_even(vf y) {
 HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, float s, float z, float lo, float hi,
                                      bool monitor) {
     ErrorSums found;
-    vf mx{};
+    ErrorLanes lanes;
     const vf vs = splat(s), vz = splat(z), vlo = splat(lo), vhi = splat(hi);
-    constexpr int64_t SPAN = 4096;
+    auto quantize = [&](vf v, vf& raw) {
+        raw = round_even(v / vs) + vz;
+        vf c = raw < vlo ? vlo : raw;  // NaN stays NaN, as in torch.clamp
+        c = c > vhi ? vhi : c;
+        return (c - vz) * vs;
+    };
     for (int64_t a = 0; a < n; a += SPAN) {
         const int64_t b = std::min(n, a + SPAN);
-        vf e2{}, r2{}, cl{};
         int64_t i = a;
         for (; i + L <= b; i += L) {
             const vf v = load(x + i);
-            const vf raw = round_even(v / vs) + vz;
-            vf c = raw < vlo ? vlo : raw;  // NaN stays NaN, as in torch.clamp
-            c = c > vhi ? vhi : c;
-            const vf q = (c - vz) * vs;
+            vf raw;
+            const vf q = quantize(v, raw);
             std::memcpy(out + i, &q, sizeof q);
             if (monitor) {
-                const vf e = q - v;
-                e2 += e * e;
-                r2 += v * v;
-                const vf ae = e < 0 ? -e : e;
-                mx = ae > mx ? ae : mx;
-                // two selects: GCC lowers an OR of two AVX-512 masks through memory (4x slower)
-                cl += raw < vlo ? splat(1.0f) : vf{};
-                cl += raw > vhi ? splat(1.0f) : vf{};
+                lanes.add(v, q);
+                lanes.add_code(raw, vlo, vhi);
             }
         }
+        if (monitor) lanes.flush(found);
         if (i < b) {  // the tail, through one padded vector
             float tail[L] = {};
             std::memcpy(tail, x + i, sizeof(float) * (b - i));
             const vf v = load(tail);
-            const vf raw = round_even(v / vs) + vz;
-            vf c = raw < vlo ? vlo : raw;
-            c = c > vhi ? vhi : c;
-            const vf q = (c - vz) * vs;
+            vf raw;
+            const vf q = quantize(v, raw);
             std::memcpy(tail, &q, sizeof q);
             std::memcpy(out + i, tail, sizeof(float) * (b - i));
             if (monitor) {
-                for (int64_t l = 0; l < b - i; ++l) {
-                    const float e = q[l] - v[l];
-                    found.err2 += static_cast<double>(e) * e;
-                    found.ref2 += static_cast<double>(v[l]) * v[l];
-                    found.max_err = std::max(found.max_err, std::fabs(e));
-                    if (raw[l] < lo || raw[l] > hi) found.clipped += 1.0;
-                }
-            }
-        }
-        if (monitor) {
-            for (int64_t l = 0; l < L; ++l) {
-                found.err2 += e2[l];
-                found.ref2 += r2[l];
-                found.clipped += cl[l];
+                for (int64_t l = 0; l < b - i; ++l) found.add_one(v[l], q[l], true, raw[l], lo, hi);
             }
         }
     }
-    for (int64_t l = 0; l < L; ++l) found.max_err = std::max(found.max_err, mx[l]);
+    lanes.finish(found);
     return found;
 }
 
@@ -667,12 +678,7 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torc
                 ErrorSums acc;
                 for (int64_t r = p * per_part, stop = std::min(runs, (p + 1) * per_part); r < stop; ++r) {
                     const int64_t c = r % C;
-                    const ErrorSums f = fake_quant_span(px + r * inner, po + r * inner, inner, ps[c], pz[c], flo, fhi,
-                                                        monitor);
-                    acc.clipped += f.clipped;
-                    acc.err2 += f.err2;
-                    acc.ref2 += f.ref2;
-                    acc.max_err = std::max(acc.max_err, f.max_err);
+                    acc.add(fake_quant_span(px + r * inner, po + r * inner, inner, ps[c], pz[c], flo, fhi, monitor));
                 }
                 found[p] = acc;
             }
@@ -680,14 +686,8 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torc
     }
     if (!monitor) return {out};
     ErrorSums all;
-    for (const auto& f : found) {
-        all.clipped += f.clipped;
-        all.err2 += f.err2;
-        all.ref2 += f.ref2;
-        all.max_err = std::max(all.max_err, f.max_err);
-    }
-    return {out, torch::tensor({all.clipped, all.err2, all.ref2, static_cast<double>(all.max_err)},
-                               torch::TensorOptions().dtype(torch::kFloat64))};
+    for (const auto& f : found) all.add(f);
+    return {out, all.tensor()};
 }
 
 namespace {
