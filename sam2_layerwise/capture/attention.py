@@ -267,9 +267,8 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
                     seg[b0:b1, r0:r1] = torch.matmul(p, onehot)
                 if not want:
                     continue
-                ent = -torch.special.xlogy(p, p).sum(-1)
-                mx = p.amax(-1)
-                top = topk_sum(p, kk) if kk else torch.zeros_like(mx)
+                found = tile_statistics(scores, p, True, kk)
+                ent, mx, top = found["entropy"], found["max_prob"], found["topk_mass"]
             stats["entropy"][b0:b1, r0:r1] = ent
             stats["entropy_norm"][b0:b1, r0:r1] = ent / log_nk
             stats["max_prob"][b0:b1, r0:r1] = mx
