@@ -50,6 +50,10 @@ def _moments(f: torch.Tensor) -> list[float]:
     product (3x faster than std + mean, which read the tensor three times). The variance from them agrees with a
     two-pass std to ~1e-5 relative, enough for a summary."""
     if f.device.type == "cpu" and native.kernel() is not None:
+        if not f.is_contiguous() and _dense(f):
+            # a permuted layout (channels-last feature maps, transposed heads) fills one block of memory with no
+            # gaps: its moments are those of that block, read in memory order with no copy
+            f = f.as_strided((f.numel(),), (1,))
         found = native.kernel().tensor_moments(f.contiguous()).tolist()  # a copy reads less than three passes
         if math.isfinite(found[2]) and math.isfinite(found[3]):
             return found
@@ -57,6 +61,16 @@ def _moments(f: torch.Tensor) -> list[float]:
     flat = f.reshape(-1)
     total, squares = flat.sum(dtype=torch.float32), torch.dot(flat, flat)
     return torch.stack([lo, hi, total, squares]).double().tolist()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill one gap-free, non-overlapping block of memory in some order of its dimensions."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _version(t: torch.Tensor) -> int | None:

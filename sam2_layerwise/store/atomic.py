@@ -43,8 +43,25 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
     return _atomic(Path(path), lambda f: f.write(data))
 
 
+def json_text(obj, depth: int = 2) -> str:
+    """JSON with its outer `depth` levels of objects and lists laid out one entry per line and everything deeper on
+    one line: readable where a person looks (sections, then layers), and encoded by json's C encoder below that.
+    (`indent=` switches json to its pure-Python encoder: 8x slower on a b+ summary's per-head statistics.)"""
+
+    def lay(value, level: int) -> str:
+        pad = " " * (level + 1)
+        if level < depth and isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            items = (f"{pad}{json.dumps(k)}: {lay(v, level + 1)}" for k, v in value.items())
+            return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+        if level < depth and isinstance(value, (list, tuple)) and value:
+            return "[\n" + ",\n".join(pad + lay(v, level + 1) for v in value) + "\n" + " " * level + "]"
+        return json.dumps(value, allow_nan=True)
+
+    return lay(obj, 0)
+
+
 def atomic_write_json(obj, path: Path) -> Path:
-    return atomic_write_bytes((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode(), Path(path))
+    return atomic_write_bytes((json_text(obj) + "\n").encode(), Path(path))
 
 
 def atomic_save_png(image, path: Path, compress_level: int | None = None) -> Path:

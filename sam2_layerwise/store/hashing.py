@@ -3,21 +3,78 @@
 `BackgroundHashes` computes them in one background thread while the models load and run: hashlib releases the GIL
 on large blocks, and model building and loading are single-threaded, so on a machine with a second core the hashes
 of multi-hundred-MiB checkpoints cost little wall time. The result is the same as `sha256_file`.
+
+A file of 16 MiB or more (a checkpoint) has its hash remembered under `hash_cache()`, keyed by what `stat` says of
+it: device, inode, size, modification and status-change times in nanoseconds, as git's index does. Writing to the
+file changes its status-change time, which no program can set back, so a remembered hash is used only for the very
+bytes it was taken of; comparing the same checkpoints on many images hashes each once. Entries are read as
+untrusted input (anything malformed or stale is ignored and taken again), and a cache that cannot be written costs
+only the time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+REMEMBER_BYTES = 16 << 20  # files this large have their hash remembered
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_cache() -> Path:
+    from sam2_layerwise.model.loading import cache_dir
+
+    return cache_dir() / "sha256"
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _entry(path: Path) -> Path:
+    return hash_cache() / (hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:32] + ".json")
+
+
+def _remembered(path: Path, st: os.stat_result) -> str | None:
+    try:
+        with open(_entry(path), "rb") as f:
+            found = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if isinstance(found, dict) and found.get("stat") == _identity(st):
+        digest = found.get("sha256")
+        if isinstance(digest, str) and _HEX.fullmatch(digest):
+            return digest
+    return None
+
+
+def _remember(path: Path, st: os.stat_result, digest: str) -> None:
+    from sam2_layerwise.store.atomic import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(json.dumps({"stat": _identity(st), "sha256": digest}).encode(), _entry(path))
+    except OSError:
+        pass
+
 
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+    path = Path(path)
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        large = st.st_size >= REMEMBER_BYTES
+        if large and (digest := _remembered(path, st)) is not None:
+            return digest
+        h = hashlib.sha256()
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+        digest = h.hexdigest()
+        if large and _identity(os.fstat(f.fileno())) == _identity(st):  # not written to while it was read
+            _remember(path, st, digest)
+    return digest
 
 
 class BackgroundHashes:

@@ -179,6 +179,21 @@ def test_block_output_summaries(path, shape):
     assert math.isnan(bad["mean"]) and math.isnan(bad["min"])
 
 
+@pytest.mark.parametrize("view", ["permuted", "channels_last", "sliced", "expanded", "strided"])
+def test_block_output_summaries_of_views(path, view):
+    """Permuted layouts are read in memory order with no copy; views with gaps or repeats are summarised as the
+    tensor they show (never the memory around or under them)."""
+    from sam2_layerwise.capture.records import tensor_stats
+
+    base = torch.randn(2, 6, 8, 5, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    x = {"permuted": base.permute(0, 2, 3, 1), "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "sliced": base[:, 1:4], "expanded": base[:1, :1].expand(3, 6, 8, 5), "strided": base[..., ::2]}[view]
+    got, ref = tensor_stats(x), x.contiguous().double()
+    assert got["shape"] == list(x.shape)
+    assert got["min"] == ref.min().item() and got["max"] == ref.max().item()
+    assert abs(got["mean"] - ref.mean().item()) <= 1e-6 and abs(got["std"] - ref.std().item()) <= 1e-5
+
+
 def test_quantizer_monitoring(path):
     """QuantStats (compare's per-quantizer clip rate and error) in one read: equal to float64 sums."""
     from sam2_layerwise.quant.quantizers import QuantStats, uniform_codes
