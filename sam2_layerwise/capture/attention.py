@@ -214,8 +214,7 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
     log_nk = math.log(nk) if nk > 1 else 1.0
     if compiled:
         with torch.autocast("cpu", enabled=False):
-            found, seg = native.query_stats(_fp32(q).reshape(B, nq, d), _fp32(k).reshape(B, nk, d), scale, kk,
-                                            segments, stats)
+            found, seg = native.query_stats(_fp32(q), _fp32(k), scale, kk, segments, stats)
         out = {}
         if found is not None:
             ent, mx, top = found

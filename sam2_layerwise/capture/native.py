@@ -167,13 +167,14 @@ def used() -> str | None:
 
 
 def query_stats(q: torch.Tensor, k: torch.Tensor, scale: float, topk: int, segments, stats: bool):
-    """Statistics for q [B, Nq, d], k [B, Nk, d] (fp32 CPU) through the compiled kernel.
+    """Statistics for q [G, h, Nq, d], k [G, h, Nk, d] (fp32 CPU) through the compiled kernel, which reads them
+    where they lie (strided views of a qkv projection included; copied only when the last dimension is strided).
 
-    Returns (entropy, max_prob, topk_mass) as [B, Nq] (None when not `stats`) and the segment mass
-    [B, Nq, S] (None without `segments`)."""
+    Returns (entropy, max_prob, topk_mass) as [G * h, Nq] (None when not `stats`) and the segment mass
+    [G * h, Nq, S] (None without `segments`)."""
     module = kernel()
     note_taken("compiled")
     seg = torch.tensor(segments or [], dtype=torch.int64).reshape(-1, 2)
-    ent, mx, top, seg_mass = module.query_stats(q.contiguous(), k.contiguous(), float(scale), int(topk), seg,
-                                                bool(stats), TILE_ELEMENTS)
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    ent, mx, top, seg_mass = module.query_stats(q, k, float(scale), int(topk), seg, bool(stats), TILE_ELEMENTS)
     return (ent, mx, top) if stats else None, seg_mass if segments else None

@@ -79,6 +79,32 @@ def test_key_counts_and_topk(path, nk, topk):
     assert_close(query_statistics(q, k, 0.7, topk=topk), {n: v for n, v in reference(q, k, 0.7, topk).items()})
 
 
+@pytest.mark.parametrize("layout", ["qkv_view", "groups_apart", "broadcast_heads", "strided_last", "one_group"])
+def test_strided_q_and_k_are_read_in_place(path, layout):
+    """q/k as SAM 2 hands them over (views into one [B, N, 3, heads, d] projection), groups whose heads are not
+    evenly spaced, keys shared by every head (stride 0), and a strided last dimension: the same statistics."""
+    gen = torch.Generator().manual_seed(7)
+    if layout in ("qkv_view", "one_group"):
+        G = 1 if layout == "one_group" else 5
+        qkv = torch.randn(G, 300, 3, 4, 16, generator=gen)  # [B, N, 3, heads, d]
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # [G, heads, N, d], row stride 3*4*16
+    elif layout == "groups_apart":
+        big = torch.randn(6, 5, 40, 16, generator=gen)
+        q, k = big[::2, 1:4], big[1::2, 2:5, :33]
+    elif layout == "broadcast_heads":
+        q = torch.randn(3, 4, 50, 16, generator=gen)
+        k = torch.randn(3, 1, 70, 16, generator=gen).expand(3, 4, 70, 16)
+    else:
+        q = torch.randn(2, 3, 40, 32, generator=gen)[..., ::2]
+        k = torch.randn(2, 3, 90, 32, generator=gen)[..., 1::2]
+    assert not (q.is_contiguous() and k.is_contiguous())
+    assert_close(query_statistics(q, k, 0.3, topk=5), reference(q, k, 0.3))
+    got = query_statistics(q, k, 0.3, topk=5)
+    again = query_statistics(q.contiguous(), k.contiguous(), 0.3, topk=5)
+    for name in STATS:  # where they lie or copied: one product, the same bits
+        assert torch.equal(got[name], again[name]), name
+
+
 def test_ties_and_uniform_rows(path):
     """Equal scores everywhere: entropy log N, max 1/N, top-k mass k/N exactly as a float64 reference."""
     q = torch.zeros(1, 2, 5, 4)

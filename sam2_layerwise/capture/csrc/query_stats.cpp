@@ -279,9 +279,10 @@ HOT static double row_topk(const float* s, int64_t ld, const float* cm, int64_t 
 }
 
 struct Args {
-    const float* q;      // [B, Nq, d] contiguous
-    const float* k;      // [B, Nk, d] contiguous
-    int64_t B, nq, nk, d, ld, topk;
+    const float* q;      // [G, h, Nq, d], last dimension contiguous; batch b = (b / h, b % h)
+    const float* k;      // [G, h, Nk, d], likewise
+    int64_t qs[3], ks[3];  // strides of the first three dimensions
+    int64_t h, B, nq, nk, d, ld, topk;
     float scale;
     const int64_t* seg;  // [S, 2] sorted, disjoint key ranges, or nullptr
     int64_t nseg;
@@ -299,11 +300,19 @@ static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, 
                  std::vector<float>& topbuf, std::vector<double>& parts) {
     const int64_t nb = b1 - b0, rows = r1 - r0;
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    auto qt = torch::from_blob(const_cast<float*>(a.q + (b0 * a.nq + r0) * a.d), {nb, rows, a.d},
-                               {a.nq * a.d, a.d, 1}, opts);
-    auto kt = torch::from_blob(const_cast<float*>(a.k + b0 * a.nk * a.d), {nb, a.nk, a.d}, opts);
-    auto out = torch::from_blob(scores, {nb, rows, a.nk}, {rows * a.ld, a.ld, 1}, opts);
-    at::bmm_out(out, qt, kt.transpose(1, 2));
+    // q and k are read where they lie (SAM 2's are views into one qkv projection): one batched product per run
+    // of batches a single stride apart (the heads of one group, or every batch where groups follow on evenly)
+    const bool even = a.qs[0] == a.h * a.qs[1] && a.ks[0] == a.h * a.ks[1];
+    for (int64_t b = b0; b < b1;) {
+        const int64_t g = b / a.h, hh = b % a.h, stop = even ? b1 : std::min(b1, (g + 1) * a.h), n = stop - b;
+        auto qt = torch::from_blob(const_cast<float*>(a.q + g * a.qs[0] + hh * a.qs[1] + r0 * a.qs[2]),
+                                   {n, rows, a.d}, {a.qs[1], a.qs[2], 1}, opts);
+        auto kt = torch::from_blob(const_cast<float*>(a.k + g * a.ks[0] + hh * a.ks[1]), {n, a.nk, a.d},
+                                   {a.ks[1], a.ks[2], 1}, opts);
+        auto out = torch::from_blob(scores + (b - b0) * rows * a.ld, {n, rows, a.nk}, {rows * a.ld, a.ld, 1}, opts);
+        at::bmm_out(out, qt, kt.transpose(1, 2));
+        b = stop;
+    }
     const int64_t nchunks = (a.ld + BLOCK - 1) / BLOCK * L, kk = std::min(a.topk, a.nk);
     for (int64_t r = 0; r < nb * rows; ++r) {
         const float* s = scores + r * a.ld;
@@ -321,18 +330,19 @@ static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, 
 
 }  // namespace
 
-// q [B, Nq, d], k [B, Nk, d] float32 contiguous CPU tensors. segments: int64 [S, 2] sorted disjoint ranges (may be
-// empty). Returns (entropy, max_prob, topk_mass) [B, Nq] (empty when !stats) and segment mass [B, Nq, S].
+// q [G, h, Nq, d], k [G, h, Nk, d] float32 CPU tensors, any strides but a contiguous last dimension. segments:
+// int64 [S, 2] sorted disjoint ranges (may be empty). Returns (entropy, max_prob, topk_mass) [G * h, Nq] (empty
+// when !stats) and segment mass [G * h, Nq, S].
 std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double scale, int64_t topk,
                                        torch::Tensor segments, bool stats, int64_t tile_elements) {
-    TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be [B, N, d]");
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [G, h, N, d]");
     TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32, "float32 only");
     TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "CPU tensors only");
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "contiguous tensors only");
-    TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "q and k shapes disagree");
-    TORCH_CHECK(k.size(1) > 0, "no keys");
+    TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, "the last dimension must be contiguous");
+    TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), "q and k shapes disagree");
+    TORCH_CHECK(k.size(2) > 0, "no keys");
     TORCH_CHECK(scale > 0, "scale must be positive");
-    const int64_t B = q.size(0), nq = q.size(1), nk = k.size(1), d = q.size(2);
+    const int64_t h = q.size(1), B = q.size(0) * h, nq = q.size(2), nk = k.size(2), d = q.size(3);
     const int64_t ld = (nk + L - 1) / L * L;
     auto seg = segments.to(torch::kInt64).contiguous();
     const int64_t nseg = seg.numel() / 2;
@@ -351,7 +361,8 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
         ent = mx = top = torch::empty({0}, f);
     }
     auto segm = torch::empty({B, nq, nseg}, f);
-    Args a{q.data_ptr<float>(), k.data_ptr<float>(), B, nq, nk, d, ld, topk, static_cast<float>(scale),
+    Args a{q.data_ptr<float>(), k.data_ptr<float>(), {q.stride(0), q.stride(1), q.stride(2)},
+           {k.stride(0), k.stride(1), k.stride(2)}, h, B, nq, nk, d, ld, topk, static_cast<float>(scale),
            nseg ? seg.data_ptr<int64_t>() : nullptr, nseg, stats,
            stats ? ent.data_ptr<float>() : nullptr, stats ? mx.data_ptr<float>() : nullptr,
            stats ? top.data_ptr<float>() : nullptr, segm.data_ptr<float>()};
