@@ -275,7 +275,8 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
             calls = len(cap.attention)
             models[spec.name] = model_entry(loaded, qm, cap, sha=hashes.get)
             del cap, loaded, qm, cache
-            gc.collect()  # one model at a time
+            if spec is not specs[-1]:
+                gc.collect()  # one model at a time (a SAM 2 model holds reference cycles: only gc frees it)
         manifest = compare_manifest(args, mode=mode, models=models, image_info=info, prompts=prompts, calls=calls,
                                     qcfg=specs[-1].qcfg,
                                     extra={"attribution": cr.ATTRIBUTION} if attribute else None, sha=hashes.get)
