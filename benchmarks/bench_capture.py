@@ -2,7 +2,8 @@
 
 Times `SAM2ImagePredictor.set_image` + `predict` with plain SAM 2 and with capture (default: statistics over
 every query + selected queries; and `--query-stats selected`), interleaved, on the b+ architecture at 1024 with
-random weights saved and loaded as a real SAM 2 checkpoint. Peak memory is measured in fresh child processes:
+random weights saved and loaded as a real SAM 2 checkpoint. The opt-in `--fast-attention` mode is timed too, with the
+mask pixels it flips against plain SAM 2 (every other mode must flip none). Peak memory is measured in fresh child processes:
 the kernel's resident-set high-water mark (VmHWM) is reset after the model is loaded (/proc/self/clear_refs),
 so the peak is that of the run alone. Prints ratios against plain SAM 2.
 
@@ -28,6 +29,7 @@ MODES = {
     "plain": None,
     "capture (all-query stats)": {"all_query_stats": True},
     "capture (selected queries)": {"all_query_stats": False},
+    "capture (--fast-attention)": {"all_query_stats": True, "fast_attention": True},
 }
 
 
@@ -45,10 +47,10 @@ def _run(mode, model, image, prompts):
 
     t = time.perf_counter()
     if MODES[mode] is None:
-        run_plain(model, image, prompts)
+        masks = run_plain(model, image, prompts).masks
     else:
-        capture_image(model, image, prompts, CaptureOptions(max_attn_queries=2, **MODES[mode]))
-    return time.perf_counter() - t
+        masks = capture_image(model, image, prompts, CaptureOptions(max_attn_queries=2, **MODES[mode])).prediction.masks
+    return time.perf_counter() - t, masks
 
 
 def _vm(field: str) -> float:
@@ -66,7 +68,7 @@ def child(mode, config, checkpoint):
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     before = _vm("VmRSS")
-    seconds = _run(mode, model, image, prompts)
+    seconds, _ = _run(mode, model, image, prompts)
     peak = _vm("VmHWM")
     print(json.dumps({"mode": mode, "seconds": seconds, "peak_mib": peak - before, "before_mib": before}))
 
@@ -99,18 +101,26 @@ def main():
         model, image, prompts = _setup(args.config, ckpt)
         _run("plain", model, image, prompts)  # warm-up
         times = {m: [] for m in MODES}
+        flipped = {m: 0 for m in MODES}
         for _ in range(args.repeats):
             for mode in MODES:  # interleaved, so drift hits every mode alike
-                times[mode].append(_run(mode, model, image, prompts))
+                seconds, masks = _run(mode, model, image, prompts)
+                times[mode].append(seconds)
+                if mode == "plain":
+                    plain_masks = masks
+                flipped[mode] = max(flipped[mode], int((masks != plain_masks).sum()))
 
     # This shared 2-core VM adds +-15% noise to single runs: report the median over repeats of each run's time
     # divided by the plain run just before it (paired, so slow phases hit both sides alike).
-    print(f"\n{'mode':30s} {'median s':>9s} {'ratio':>7s} {'ratios (each repeat)':>28s} {'run peak MiB':>13s} {'extra MiB':>10s}")
+    print(f"\n{'mode':30s} {'median s':>9s} {'ratio':>7s} {'ratios (each repeat)':>28s} {'run peak MiB':>13s} "
+          f"{'extra MiB':>10s} {'mask px flipped':>16s}")
     for mode in MODES:
         ratios = [t / p for t, p in zip(times[mode], times["plain"])]
         shown = " ".join(f"{r:.2f}" for r in ratios)
         print(f"{mode:30s} {statistics.median(times[mode]):9.2f} {statistics.median(ratios):7.3f} {shown:>28s} "
-              f"{peaks[mode]:13.0f} {peaks[mode] - peaks['plain']:10.0f}")
+              f"{peaks[mode]:13.0f} {peaks[mode] - peaks['plain']:10.0f} {flipped[mode]:16d}")
+    print(f"mask px flipped: the most pixels differing from plain SAM 2's masks in one repeat, of {plain_masks.size} "
+          f"({plain_masks.shape[0]} masks); only --fast-attention (opt-in) may flip any")
     from sam2_layerwise.capture import native
 
     print(f"\nall-query statistics path: {native.path_name()} ({native.MODE_ENV}={native.mode()})")

@@ -9,6 +9,7 @@ kernel used. The swap is scoped to the module's forward: importing this package 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -37,6 +38,7 @@ class KernelView:
     probs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     tiled: bool = False
     stats: dict | None = None  # per-query statistics [G, heads, Nq] the kernel took from its own tiles, if asked
+    fast: bool = False  # computed by FastKernel (`--fast-attention`), not torch's fused kernel
 
 
 class AttentionKernel(Protocol):
@@ -47,6 +49,40 @@ def float_kernel(q, k, v, scale=None):
     """Torch's own SDPA: exactly what plain SAM 2 computes."""
     out = ORIGINAL_SDPA(q, k, v, scale=scale)
     return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
+
+
+class FastKernel:
+    """`--fast-attention` (opt-in): the compiled statistics kernel computes the attention output itself from the
+    tiles it computes the statistics from, one q·kᵀ per call instead of two. Its output is not torch's fused
+    kernel's to the last bit (another summation order), so masks may differ from plain SAM 2 in a few pixels.
+    Where it cannot run (no compiled kernel, not fp32 on CPU) the call goes to torch's kernel as usual;
+    `calls`/`torch_calls` count both."""
+
+    tile_statistics = True
+
+    def __init__(self):
+        self.calls = 0
+        self.torch_calls = 0
+
+    def __call__(self, q, k, v, scale=None, stats_topk: int | None = None):
+        from sam2_layerwise.capture import native
+
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        usable = (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)) and k.shape[-2] > 0
+                  and q.dim() == 4 and not torch.is_autocast_enabled("cpu") and native.kernel() is not None)
+        if not usable:
+            self.torch_calls += 1
+            return float_kernel(q, k, v, scale)
+        self.calls += 1
+        out, (ent, mx, top) = native.fast_attention(q, k, v, s, stats_topk or 0)
+        stats = None
+        if stats_topk is not None:
+            G, h, nq, _ = q.shape
+            nk = k.shape[-2]
+            ent = ent.view(G, h, nq)
+            stats = {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0),
+                     "max_prob": mx.view(G, h, nq), "topk_mass": top.view(G, h, nq)}
+        return out, KernelView(q, k, v, s, stats=stats, fast=True)
 
 
 @dataclass

@@ -176,5 +176,17 @@ def query_stats(q: torch.Tensor, k: torch.Tensor, scale: float, topk: int, segme
     note_taken("compiled")
     seg = torch.tensor(segments or [], dtype=torch.int64).reshape(-1, 2)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    ent, mx, top, seg_mass = module.query_stats(q, k, float(scale), int(topk), seg, bool(stats), TILE_ELEMENTS)
+    ent, mx, top, seg_mass, _ = module.query_stats(q, k, float(scale), int(topk), seg, bool(stats), TILE_ELEMENTS)
     return (ent, mx, top) if stats else None, seg_mass if segments else None
+
+
+def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, topk: int):
+    """The attention output softmax(scale q kᵀ) v [G, h, Nq, dv] and the statistics (entropy, max_prob, topk_mass)
+    [G * h, Nq] of q [G, h, Nq, d], k [G, h, Nk, d], v [G, h, Nk, dv] (fp32 CPU) from one pass of the compiled
+    kernel's tiles (`--fast-attention`). The output is not torch's fused kernel's to the last bit."""
+    module = kernel()
+    note_taken("compiled")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    none = torch.empty((0, 2), dtype=torch.int64)
+    ent, mx, top, _, out = module.query_stats(q, k, float(scale), int(topk), none, True, TILE_ELEMENTS, v)
+    return out.view(*q.shape[:3], v.shape[-1]), (ent, mx, top)

@@ -145,6 +145,7 @@ class AttentionRecord:
     frame_call: int = 0  # video mode: the module's call index within its frame
     memory_mass: dict | None = None  # memory cross-attention: attention mass per key segment (capture.memory)
     segment_mass: torch.Tensor | None = None  # [G, heads, Nq, segments] fp32, every query (when all_query_stats)
+    fast_attention: bool = False  # the output came from FastKernel (`--fast-attention`), not torch's fused kernel
 
     @property
     def file_stem(self) -> str:

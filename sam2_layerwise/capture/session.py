@@ -43,6 +43,10 @@ class CaptureOptions:
     output_stats: shape, mean, std, min and max of every block's and attention module's output, and the check
     for non-finite q/k/v and outputs (a few passes over every activation); off = only the attention records
     (sweep's per-item capture, which reports neither).
+    fast_attention: float attention modules compute their output with the compiled statistics kernel, from the
+    tiles their statistics come from (`dispatch.FastKernel`): one q·kᵀ per call instead of two, but the output
+    is not torch's to the last bit, so masks may differ from plain SAM 2. Off (the default): torch computes every
+    output and masks are bit-identical. Quantized modules keep their own kernel either way.
     """
 
     max_attn_queries: int = 4
@@ -56,12 +60,15 @@ class CaptureOptions:
     memory_mass: str = "all"
     memory_mass_stride: int = 4
     output_stats: bool = True
+    fast_attention: bool = False
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["layers"] = list(self.layers) if self.layers else None
         if self.output_stats:
             d.pop("output_stats")  # the default: summaries read as before
+        if not self.fast_attention:
+            d.pop("fast_attention")
         if self.all_query_kinds is None:
             d.pop("all_query_kinds")
         else:
@@ -156,6 +163,8 @@ class CaptureSession:
         self.memory_grid: tuple[int, int] | None = None
         self.memory_layout = None
         self._frame_calls: dict[tuple[str, int], int] = {}
+        self.fast_kernel = dispatch.FastKernel() if options.fast_attention else None
+        self._fast_modules: list[nn.Module] = []
 
     # -- install / remove -------------------------------------------------------------------------
     def _wanted(self, name: str, module: nn.Module | None = None) -> bool:
@@ -176,6 +185,9 @@ class CaptureSession:
             if cls in ATTENTION_TYPES and self._wanted(name, module):
                 self.selected_modules.append(name)
                 state = dispatch.routing(module, name)
+                if self.fast_kernel is not None and state.kernel is None:  # float modules only
+                    state.kernel = self.fast_kernel
+                    self._fast_modules.append(module)
                 observer = self._make_observer(name, module)
                 state.observers.append(observer)
                 self._routed.append(module)
@@ -193,6 +205,8 @@ class CaptureSession:
     def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
+        for m in self._fast_modules:
+            dispatch.routing(m, "").kernel = None
         for m in self._routed:
             dispatch.release(m)
         if exc_type is not None:
@@ -365,7 +379,7 @@ class CaptureSession:
             query_stats={s: t.cpu() for s, t in query_stats.items()} if query_stats else None,
             head_stats=head_stats, selected_stats=selected, kernel_max_abs_err=kernel_err, qkv=qkv,
             full_qkv=full_qkv, frame_index=self.frame_index, frame_call=frame_call, memory_mass=memory_mass,
-            segment_mass=segment_mass.cpu() if segment_mass is not None else None,
+            segment_mass=segment_mass.cpu() if segment_mass is not None else None, fast_attention=view.fast,
         )
         self.attention.append(record)
         self._pending[name] = _Pending(record, picks, rows_out)

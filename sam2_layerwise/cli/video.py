@@ -92,7 +92,8 @@ def capture_options(args, chosen, plan, **extra):
     return CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
                           all_query_stats=every, keep_qkv=args.save_qkv or plan.active or getattr(args, "viewer", False),
                           memory_mass="all" if every else (getattr(args, "memory_mass", None) or "all"),
-                          layers=None if args.layers is None else tuple(chosen), **extra)
+                          layers=None if args.layers is None else tuple(chosen),
+                          fast_attention=bool(getattr(args, "fast_attention", False)), **extra)
 
 
 def run(args) -> int:

@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   # random weights on purpose (no checkpoint), the bundled cat
   sam2-layerwise visualize --config configs/sam2.1/sam2.1_hiera_t.yaml --random-init \\
       --image examples/images/chelsea.png --points 220 150 1
+  # faster all-query statistics, opting out of bit-identical masks (the summary records it)
+  sam2-layerwise visualize --checkpoint sam2.1_hiera_base_plus --image photo.jpg --points 320 240 1 --fast-attention
   # video: track the clicked object through a folder of frames (or an mp4), memory attention drawn on its frames
   sam2-layerwise visualize --checkpoint sam2.1_hiera_tiny --video frames/ --prompt-frame 0 --points 320 240 1 \\
       --max-frames 8 --render-attn-overlay --output-dir sam2_logs/video_debug"""
@@ -60,6 +62,11 @@ def add_arguments(p) -> None:
     p.add_argument("--single-mask", action="store_true", help="multimask_output=False (default: three masks)")
     p.add_argument("--image-size", type=image_size, default=None,
                    help="override the config's image_size (a multiple of 32 that fits the Hiera windows, at most 4096)")
+    p.add_argument("--fast-attention", action="store_true",
+                   help="opt-in speed: float attention outputs come from this tool's statistics kernel (one q·kᵀ per "
+                        "call instead of two; CPU, fp32). They differ from torch's in the last bits, so masks may "
+                        "differ from plain SAM 2 in a few pixels; the summary says so. Default: torch computes every "
+                        "output and masks are bit-identical")
     p.add_argument("--viewer", action="store_true",
                    help="write the browser viewer into the run (viewer/index.html; 'sam2-layerwise view' serves it)")
     add_render_arguments(p)
@@ -125,7 +132,8 @@ def run(args) -> int:
     options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
                              all_query_stats=args.query_stats == "all",
                              keep_qkv=args.save_qkv or plan.active or getattr(args, "viewer", False),
-                             layers=None if args.layers is None else tuple(chosen))
+                             layers=None if args.layers is None else tuple(chosen),
+                             fast_attention=bool(getattr(args, "fast_attention", False)))
     log.info("model: %s (%s, %.1f M parameters) on %s; capturing %d attention modules",
              loaded.config_path.name, "RANDOM WEIGHTS" if loaded.random_init else loaded.checkpoint_path,
              sum(p.numel() for p in loaded.model.parameters()) / 1e6, loaded.device, len(chosen))
@@ -163,6 +171,10 @@ def report_run(summary: dict, cap, seconds: float, writer, out_dir, random_init:
                "not checkable where values are non-finite" if fid.get("non_finite_checks") else "ABOVE 1e-4")
     log.info("captured %d attention calls and %d block outputs in %.1f s; worst fidelity error %.2e (%s)",
              len(cap.attention), len(cap.blocks), seconds, worst, verdict)
+    if fid.get("fast_attention_calls"):
+        log.warning("--fast-attention: %d attention outputs came from this tool's kernel, not torch's; masks may "
+                    "differ from plain SAM 2 in a few pixels (recorded in the summary's 'fidelity')",
+                    fid["fast_attention_calls"])
     nf = summary.get("nonfinite") or {}
     if nf.get("found"):
         first = nf["first"]

@@ -50,12 +50,17 @@ def attention_entry(r: AttentionRecord) -> dict:
         "files": r.files,
         **({"frame": r.frame_index, "frame_call": r.frame_call} if r.frame_index is not None else {}),
         **({"memory_mass": r.memory_mass} if r.memory_mass is not None else {}),
+        **({"fast_attention": True} if r.fast_attention else {}),
     }
 
 
 def block_entry(b: BlockRecord) -> dict:
     return {"name": b.name, "layer_key": b.layer_key, "module_type": b.module_type, "call_index": b.call_index,
             "inputs": b.inputs, "outputs": b.outputs, **({"frame": b.frame_index} if b.frame_index is not None else {})}
+
+
+FAST_NOTE = ("--fast-attention: attention outputs were computed by this tool's kernel, not torch's fused kernel; they "
+             "differ in the last bits, so masks may differ from plain SAM 2 in a few pixels")
 
 
 def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, prompts: dict, capture_options: dict,
@@ -69,6 +74,7 @@ def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, p
     fp32 = all(r.kernel_dtype == "float32" for r in attention)
     worst = max(errs + kerrs, default=0.0)
     ok = (worst <= FP32_TOLERANCE and not unchecked) if fp32 else None
+    fast = sum(r.fast_attention for r in attention)
     return _clean({
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -84,7 +90,9 @@ def build_summary(*, attention, blocks, model: dict, image: dict, frame: dict, p
         "prediction": prediction,
         "fidelity": {"max_module_abs_err": max(errs, default=0.0), "max_kernel_abs_err": max(kerrs, default=0.0),
                      "fp32": fp32, "tolerance": FP32_TOLERANCE if fp32 else None, "ok": ok,
-                     "non_finite_checks": unchecked},
+                     "non_finite_checks": unchecked,
+                     **({"fast_attention_calls": fast, "masks_may_differ": True,
+                         "note": FAST_NOTE} if fast else {})},
         "attention_count": len(attention),
         "attention": [attention_entry(r) for r in attention],
         "blocks": [block_entry(b) for b in blocks],

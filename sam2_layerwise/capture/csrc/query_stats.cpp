@@ -13,6 +13,10 @@
 //           no larger than theirs), so top-k only reads those k chunks.
 // Then H = log z - w / z, max p = 1 / z, top-k mass = sum exp(t_top) / z.
 //
+// Fast attention (opt-in, `--fast-attention`): given v, pass 4 turns each row into its probabilities in place and
+// a second product per tile gives the attention output p v, replacing torch's fused kernel for that call. Its
+// output differs from torch's in the last bits (another summation order), so masks may differ from plain SAM 2.
+//
 // The passes are plain loops over 16-lane groups that compilers vectorise; the hot functions are cloned for
 // x86-64-v3 and v4 and picked at load time (no -march=native: the same binary runs on any x86-64 CPU).
 
@@ -291,7 +295,21 @@ struct Args {
     float* max_prob;
     float* topk_mass;
     float* seg_mass;     // [B, Nq, S] (when nseg)
+    // fast attention only (else nullptr): v [G, h, Nk, dv] (strides vs, last dimension contiguous) and the output
+    // out = softmax(scale q k^T) v [B, Nq, dv], contiguous
+    const float* v = nullptr;
+    int64_t vs[3] = {0, 0, 0};
+    int64_t dv = 0;
+    float* out = nullptr;
 };
+
+// Pass 4 (fast attention): the row's probabilities p = exp(scale (s - m)) / z in place of its scores.
+HOT static void row_probs(float* s, int64_t ld, float m, float scale, float inv_z) {
+    for (int64_t j = 0; j < ld; j += L) {
+        const vf p = exp_nonpos((load(s + j) - m) * scale) * inv_z;
+        std::memcpy(s + j, &p, sizeof p);
+    }
+}
 
 // One tile: batch b, query rows [r0, r1). `scores` holds (r1 - r0) x ld floats; its padding is -inf.
 // One tile: batches [b0, b1) x query rows [r0, r1) (several batches only with all their rows). `scores` holds
@@ -302,7 +320,7 @@ static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, 
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
     // q and k are read where they lie (SAM 2's are views into one qkv projection): one batched product per run
     // of batches a single stride apart (the heads of one group, or every batch where groups follow on evenly)
-    const bool even = a.qs[0] == a.h * a.qs[1] && a.ks[0] == a.h * a.ks[1];
+    const bool even = a.qs[0] == a.h * a.qs[1] && a.ks[0] == a.h * a.ks[1] && (!a.v || a.vs[0] == a.h * a.vs[1]);
     for (int64_t b = b0; b < b1;) {
         const int64_t g = b / a.h, hh = b % a.h, stop = even ? b1 : std::min(b1, (g + 1) * a.h), n = stop - b;
         auto qt = torch::from_blob(const_cast<float*>(a.q + g * a.qs[0] + hh * a.qs[1] + r0 * a.qs[2]),
@@ -325,6 +343,17 @@ static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, 
         a.max_prob[row] = static_cast<float>(1.0 / sums.z);
         a.topk_mass[row] = kk > 0 ? static_cast<float>(row_topk(s, a.ld, cm.data(), nchunks, kk, m, a.scale,
                                                                  topbuf.data()) / sums.z) : 0.0f;
+        if (a.out) row_probs(scores + r * a.ld, a.ld, m, a.scale, static_cast<float>(1.0 / sums.z));
+    }
+    if (!a.out) return;
+    for (int64_t b = b0; b < b1;) {  // out = p v, batches as for the scores
+        const int64_t g = b / a.h, hh = b % a.h, stop = even ? b1 : std::min(b1, (g + 1) * a.h), n = stop - b;
+        auto pt = torch::from_blob(scores + (b - b0) * rows * a.ld, {n, rows, a.nk}, {rows * a.ld, a.ld, 1}, opts);
+        auto vt = torch::from_blob(const_cast<float*>(a.v + g * a.vs[0] + hh * a.vs[1]), {n, a.nk, a.dv},
+                                   {a.vs[1], a.vs[2], 1}, opts);
+        auto ot = torch::from_blob(a.out + (b * a.nq + r0) * a.dv, {n, rows, a.dv}, {a.nq * a.dv, a.dv, 1}, opts);
+        at::bmm_out(ot, pt, vt);
+        b = stop;
     }
 }
 
@@ -332,9 +361,11 @@ static void tile(const Args& a, int64_t b0, int64_t b1, int64_t r0, int64_t r1, 
 
 // q [G, h, Nq, d], k [G, h, Nk, d] float32 CPU tensors, any strides but a contiguous last dimension. segments:
 // int64 [S, 2] sorted disjoint ranges (may be empty). Returns (entropy, max_prob, topk_mass) [G * h, Nq] (empty
-// when !stats) and segment mass [G * h, Nq, S].
+// when !stats), segment mass [G * h, Nq, S] and, given v [G, h, Nk, dv] (fast attention: stats, no segments),
+// the attention output softmax(scale q k^T) v [G * h, Nq, dv] computed from the same tiles (else empty).
 std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double scale, int64_t topk,
-                                       torch::Tensor segments, bool stats, int64_t tile_elements) {
+                                       torch::Tensor segments, bool stats, int64_t tile_elements,
+                                       std::optional<torch::Tensor> v) {
     TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be [G, h, N, d]");
     TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32, "float32 only");
     TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "CPU tensors only");
@@ -366,6 +397,21 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
            nseg ? seg.data_ptr<int64_t>() : nullptr, nseg, stats,
            stats ? ent.data_ptr<float>() : nullptr, stats ? mx.data_ptr<float>() : nullptr,
            stats ? top.data_ptr<float>() : nullptr, segm.data_ptr<float>()};
+    torch::Tensor out = torch::empty({0}, f);
+    if (v.has_value()) {
+        const auto& vv = *v;
+        TORCH_CHECK(stats && nseg == 0, "fast attention computes the statistics and no segments");
+        TORCH_CHECK(vv.dim() == 4 && vv.scalar_type() == torch::kFloat32 && vv.device().is_cpu() && vv.stride(3) == 1,
+                    "v must be a float32 CPU [G, h, Nk, dv] tensor with a contiguous last dimension");
+        TORCH_CHECK(vv.size(0) == q.size(0) && vv.size(1) == h && vv.size(2) == nk, "v does not fit q and k");
+        out = torch::empty({B, nq, vv.size(3)}, f);
+        a.v = vv.data_ptr<float>();
+        a.vs[0] = vv.stride(0);
+        a.vs[1] = vv.stride(1);
+        a.vs[2] = vv.stride(2);
+        a.dv = vv.size(3);
+        a.out = out.data_ptr<float>();
+    }
     // tiles: whole batches while one holds at most tile_elements scores, else row ranges of one batch
     const int64_t per_batch = nq * ld;
     const int64_t batches_per_tile = per_batch <= tile_elements ? std::max<int64_t>(1, tile_elements / per_batch) : 1;
@@ -394,7 +440,7 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
             }
         });
     }
-    return {ent, mx, top, segm};
+    return {ent, mx, top, segm, out};
 }
 
 namespace {
@@ -813,5 +859,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("fake_quant", &fake_quant, "uniform fake quantization, per tensor or channel (and its error sums), one read");
     m.def("quant_error", &quant_error, "clipped codes, squared error, squared reference and max error in one read");
     m.def("tensor_moments", &tensor_moments, "min, max, sum and sum of squares of a float32 tensor in one read");
-    m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)");
+    m.def("query_stats", &query_stats, "Exact per-query softmax statistics (entropy, max, top-k, segment mass)",
+          pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("scale"), pybind11::arg("topk"),
+          pybind11::arg("segments"), pybind11::arg("stats"), pybind11::arg("tile_elements"),
+          pybind11::arg("v") = pybind11::none());
 }
