@@ -67,7 +67,9 @@ def _versions() -> dict:
     return {"sam2_layerwise": __version__, "torch": torch.__version__, "sam2": sam2_version}
 
 
-def _build(spec: ModelSpec, args):
+def _build(spec: ModelSpec, args, reuse=None):
+    """The half's model; `reuse` (the float half's LoadedModel, done with) lends its modules to the quantized half
+    when the architecture is the same (`build_model`'s `reuse`)."""
     from sam2_layerwise.model import build_model
     from sam2_layerwise.quant import load_quantized_model
 
@@ -77,7 +79,7 @@ def _build(spec: ModelSpec, args):
             return build_model(spec.config, spec.checkpoint, device=args.device, overrides=overrides), None
     with renamed_flags(QUANT_FLAGS):
         return load_quantized_model(spec.config, spec.checkpoint, spec.qcfg, device=args.device,
-                                    overrides=overrides)
+                                    overrides=overrides, reuse=reuse)
 
 
 def _selection(cap) -> list:
@@ -233,10 +235,13 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
     models, selection, calls, extra = {}, None, 0, {}
     fp_side = None  # attribution: what the float half leaves behind (state, prediction, block cache)
     owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)  # a new compare also drops the old analysis
+    reuse = None  # the float half's model, lent to the quantized half (not with --attribute, which keeps both)
     with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer, hashes:
         for spec in specs:
             hashes.start(spec.config, spec.checkpoint)
-            loaded, qm = _build(spec, args)
+            loaded, qm = _build(spec, args, reuse=reuse)
+            reused = reuse is not None and loaded.model is reuse.model
+            reuse = None
             keys = layer_sel.attention_layer_keys(loaded.model, image_mode=True)
             chosen = layer_sel.select(keys, args.layers)
             options = CaptureOptions(max_attn_queries=args.max_attn_queries, stats_topk=args.stats_topk,
@@ -274,9 +279,12 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                        kept=kept if qm is not None else None)
             calls = len(cap.attention)
             models[spec.name] = model_entry(loaded, qm, cap, sha=hashes.get)
+            if qm is None and not attribute:
+                reuse = loaded
             del cap, loaded, qm, cache
-            if spec is not specs[-1]:
+            if spec is not specs[-1] and reuse is None:
                 gc.collect()  # one model at a time (a SAM 2 model holds reference cycles: only gc frees it)
+        log.debug("the quantized half %s the float half's modules", "reused" if reused else "built its own")
         manifest = compare_manifest(args, mode=mode, models=models, image_info=info, prompts=prompts, calls=calls,
                                     qcfg=specs[-1].qcfg,
                                     extra={"attribution": cr.ATTRIBUTION} if attribute else None, sha=hashes.get)

@@ -273,6 +273,7 @@ class LoadedModel:
     checkpoint_path: Path | None
     device: torch.device
     random_init: bool
+    overrides: dict | None = None  # the config overrides it was built with (image size)
 
     def describe(self) -> dict:
         return {"config": str(self.config_path), "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
@@ -282,7 +283,8 @@ class LoadedModel:
 
 def build_model(config: str | None, checkpoint: str | None = None, *, random_init: bool = False,
                 device: str = "auto", seed: int = 0, overrides: dict | None = None,
-                adapt_state=None, quantized: bool = False) -> LoadedModel:
+                adapt_state=None, quantized: bool = False, checkpoint_data: dict | None = None,
+                reuse: LoadedModel | None = None) -> LoadedModel:
     """Build a SAM 2 model in eval mode.
 
     config: package config name or YAML path (may be None when `checkpoint` is an official model id).
@@ -291,6 +293,11 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     dict (a QAT trainer's quantizer parameters) once the model is built, before the state is checked.
     quantized: the caller installs the checkpoint's quantizers (`quant.load_quantized_model`); otherwise a
     checkpoint that carries them runs as the float model it also is, and a warning says so.
+    checkpoint_data: the checkpoint's contents when the caller has read them already (not read a second time).
+    reuse: a model built earlier from the same config, overrides and device, whose modules take this checkpoint's
+    weights instead of a second model being built (compare's second half: half a second of construction and
+    random initialisation saved, one model in memory). Its weights are overwritten; ignored when the
+    architecture could differ.
     """
     if checkpoint is None and not random_init:
         raise ModelError("no weights given: pass --checkpoint PATH_OR_MODEL_ID, or --random-init to run on "
@@ -307,7 +314,10 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     _check_config_image_size(cfg, "--image-size" if overrides and "model.image_size" in overrides else "--config",
                              config)
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else None
-    ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if checkpoint_data is not None:
+        ckpt = checkpoint_data
+    else:
+        ckpt = read_checkpoint(ckpt_path) if ckpt_path is not None else None
     state = ckpt["model"] if ckpt is not None else None
     if ckpt is not None and QUANT_ENTRY in ckpt and not quantized:
         entry = ckpt[QUANT_ENTRY]
@@ -321,11 +331,15 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
     from hydra.utils import instantiate
 
     torch.manual_seed(seed)
-    try:
-        model = instantiate(cfg.model, _recursive_=True)
-    except Exception as exc:  # noqa: BLE001 - hydra wraps whatever the constructors raised
-        raise ModelError(f"the sam2 package cannot build this config: {condense(exc)}",
-                         flag="--config", value=config) from None
+    if (reuse is not None and state is not None and reuse.config_path == resolve_config(config)
+            and (reuse.overrides or None) == (overrides or None) and reuse.device == dev):
+        model = reuse.model
+    else:
+        try:
+            model = instantiate(cfg.model, _recursive_=True)
+        except Exception as exc:  # noqa: BLE001 - hydra wraps whatever the constructors raised
+            raise ModelError(f"the sam2 package cannot build this config: {condense(exc)}",
+                             flag="--config", value=config) from None
     if getattr(model, "compile_image_encoder", False):
         raise ModelError("compile_image_encoder=True: torch.compile'd encoders run capture hooks badly; "
                          "set it to False", flag="--config", value=config)
@@ -339,7 +353,7 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
                     "its masks and attention mean nothing about real SAM 2 behaviour", seed)
     model = model.to(dev).eval()
     return LoadedModel(model=model, config_path=resolve_config(config), checkpoint_path=ckpt_path, device=dev,
-                       random_init=state is None)
+                       random_init=state is None, overrides=dict(overrides) if overrides else None)
 
 
 def nonfinite_tensors(state: dict) -> list[str]:

@@ -205,8 +205,9 @@ def resolve_base_config(qcfg: QuantConfig) -> str | None:
 
 
 def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: QuantConfig, *, device: str = "auto",
-                         seed: int = 0, random_init: bool = False, overrides: dict | None = None):
+                         seed: int = 0, random_init: bool = False, overrides: dict | None = None, reuse=None):
     """Build SAM 2 from config + checkpoint and install the quantizers the checkpoint's parameters describe.
+    `reuse`: as in `build_model` (a float model of the same architecture takes the quantized checkpoint's weights).
 
     Returns (LoadedModel, QuantizedModel). Raises naming --checkpoint when the checkpoint does not fit the config
     (missing learned scales, left-over quantizers, wrong bits) and --adaptive-qat-config for config mistakes.
@@ -225,7 +226,8 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
         ckpt = read_checkpoint(path)
         native = native_params(ckpt, str(checkpoint))
         if native is not None or qcfg.checkpoint.location == "quantization":
-            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, quantized=True)
+            loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, quantized=True,
+                                 checkpoint_data=ckpt, reuse=reuse)
             sites, floats = plan(loaded.model, qcfg)
             params = native or {}
         else:  # learned parameters inside the state dict (a QAT trainer's layout): split them out first
@@ -237,7 +239,7 @@ def load_quantized_model(config: str | None, checkpoint: str | None, qcfg: Quant
                 return rest
 
             loaded = build_model(config, checkpoint, device=device, seed=seed, overrides=overrides, adapt_state=split,
-                                 quantized=True)
+                                 quantized=True, checkpoint_data=ckpt, reuse=reuse)
             sites, floats, params = found["sites"], found["floats"], found["params"]
         source = str(checkpoint)
     check_params(sites, params, qcfg, source=source, flag="--checkpoint" if source else "--random-init")

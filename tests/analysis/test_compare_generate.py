@@ -17,6 +17,7 @@ from sam2_layerwise.cli.main import main
 from sam2_layerwise.metrics import pair_metrics
 from sam2_layerwise.store.atomic import safe_load
 from sam2_layerwise.store.compare_run import open_compare_run
+from tests.analysis.conftest import compare_args
 from tests.conftest import REPO
 
 
@@ -37,6 +38,43 @@ def test_run_layout_and_manifest(compare_runs):
         assert (run / half / "layerwise_summary.json").is_file() and (run / half / "predictions.pt").is_file()
     assert main(["render", "--run-dir", str(run / "original"), "-q"]) == 0
     assert any((run / "original" / "attn_images" / "all").iterdir())
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a8_mixed"])
+def test_quantized_half_equals_a_freshly_built_quantized_model(compare_runs, quant_checkpoints, tiny_checkpoint, name,
+                                                               monkeypatch):
+    """compare lends the float half's modules to the quantized half (one model built): its predictions are those
+    of the quantized model built on its own, and of the float model, bit for bit."""
+    import numpy as np
+
+    import hydra.utils
+
+    from sam2_layerwise import build_model, load_image, parse_prompts, run_plain
+    from sam2_layerwise.quant import load_quant_config, load_quantized_model
+    from tests.conftest import COFFEE, TINY_CONFIG
+
+    run = compare_runs[name, "raw"]
+    image = load_image(COFFEE)
+    prompts = parse_prompts([300, 200, 1, 120, 80, 0], None, [500, 350], image.shape[1], image.shape[0])
+    cfg, ckpt = quant_checkpoints[name]
+    loaded, qm = load_quantized_model(TINY_CONFIG, str(ckpt), load_quant_config(cfg), device="cpu")
+    fresh = {"quantized": run_plain(loaded.model, image, prompts)}
+    qm.remove()
+    fresh["original"] = run_plain(build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu").model, image, prompts)
+    for half, want in fresh.items():
+        got = safe_load(run / half / "predictions.pt")
+        assert np.array_equal(got["masks"].numpy(), want.masks), half
+        assert np.array_equal(got["low_res_logits"].numpy(), want.low_res_logits), half
+
+    # and it was lent: one model built for the two halves
+    built = []
+    original = hydra.utils.instantiate
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    out = run.parent / f"{name}-again"
+    assert main(compare_args(tiny_checkpoint, cfg, ckpt, out)) == 0
+    assert len(built) == 1
+    again = safe_load(out / "quantized" / "predictions.pt")
+    assert torch.equal(again["low_res_logits"], safe_load(run / "quantized" / "predictions.pt")["low_res_logits"])
 
 
 def test_passthrough_twin_changes_nothing_exactly(compare_runs):
