@@ -102,12 +102,14 @@ def main():
         _run("plain", model, image, prompts)  # warm-up
         times = {m: [] for m in MODES}
         flipped = {m: 0 for m in MODES}
-        for _ in range(args.repeats):
-            for mode in MODES:  # interleaved, so drift hits every mode alike
+        plain_masks = _run("plain", model, image, prompts)[1]
+        order = list(MODES)
+        for r in range(args.repeats):
+            # interleaved, so drift hits every mode alike, and in an order that rotates each round: whichever mode
+            # runs right after another pays for what that one left behind (freed memory to fault in again)
+            for mode in order[r % len(order):] + order[:r % len(order)]:
                 seconds, masks = _run(mode, model, image, prompts)
                 times[mode].append(seconds)
-                if mode == "plain":
-                    plain_masks = masks
                 flipped[mode] = max(flipped[mode], int((masks != plain_masks).sum()))
 
     # This shared 2-core VM adds +-15% noise to single runs: report the median over repeats of each run's time

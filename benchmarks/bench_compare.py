@@ -99,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sam2.1/sam2.1_hiera_b+.yaml")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--light-only", action="store_true", help="only the paired plain / compare --save-raw runs")
     ap.add_argument("--child-generate", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_generate:
@@ -110,6 +111,8 @@ def main():
         cli("init-checkpoint", "--config", args.config, "--output", str(fp), "--seed", "1")
         t_quant = cli("quantize", "--config", args.config, "--checkpoint", str(fp), "--adaptive-qat-config",
                       str(QCFG), "--calib-images", str(IMAGE), "--output", str(q))
+        print(f"architecture {args.config}, {Path(IMAGE).name}, random weights; W8A8 calibrated in {t_quant:.1f} s",
+              flush=True)
         base = ["compare", "--config-original", args.config, "--checkpoint-original", str(fp), "--config-quantized",
                 str(QCFG), "--checkpoint-quantized", str(q), "--image", str(IMAGE), "--points", *POINTS]
         ratios, plain_s, forward_s, light_s = [], [], [], []
@@ -120,6 +123,13 @@ def main():
             forward_s.append(forward)
             light_s.append(light)
             ratios.append(light / plain)
+        print(f"plain float + quantized (load + predict each): {statistics.median(plain_s):.1f} s "
+              f"(one plain float forward {statistics.median(forward_s):.1f} s)")
+        print(f"compare --save-raw: {statistics.median(light_s):.1f} s -> {statistics.median(ratios):.2f} x plain "
+              f"(target <= 1.1); each repeat: {' '.join(f'{r:.2f}' for r in ratios)} (the first hashes the new "
+              f"checkpoints; later runs find their hashes remembered)", flush=True)
+        if args.light_only:
+            return
         full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")
         full16_s = cli(*base, "--output-dir", str(tmp / "full16"), "--save-full-attn", "--full-dtype", "fp16")
         gens = {}
@@ -128,11 +138,6 @@ def main():
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             gens[name] = json.loads(out)
         forward = statistics.median(forward_s)
-        print(f"architecture {args.config}, {Path(IMAGE).name}, random weights; W8A8 calibrated in {t_quant:.1f} s")
-        print(f"plain float + quantized (load + predict each): {statistics.median(plain_s):.1f} s "
-              f"(one plain float forward {forward:.1f} s)")
-        print(f"compare --save-raw: {statistics.median(light_s):.1f} s -> {statistics.median(ratios):.2f} x plain "
-              f"(target <= 1.1)")
         print(f"compare --save-full-attn: {full_s:.1f} s (fp16: {full16_s:.1f} s)")
         print(f"generate, light run (all layers and heads): {gens['light']['seconds']:.2f} s (target <= 3 s), "
               f"peak +{gens['light']['peak_mib']:.0f} MiB")

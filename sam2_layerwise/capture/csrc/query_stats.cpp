@@ -418,8 +418,10 @@ std::vector<torch::Tensor> query_stats(torch::Tensor q, torch::Tensor k, double 
     // Every tile reads all of k: where k outgrows the L2 cache (memory attention: 28,736 x 256 floats), tiles of
     // at least 64 rows keep the product from streaming k from memory once per handful of rows.
     const int64_t min_rows = nk * d > (1 << 18) ? 64 : 1;
+    // Row tiles of one long batch hold up to twice as many scores (2 MiB, 128 rows of 4096 keys): the product
+    // packs k once per tile, and twice the rows per packing measured 8-20 % faster on global blocks (d 56, 96).
     const int64_t rows_per_tile = per_batch <= tile_elements ? nq
-                                  : std::min<int64_t>(nq, std::max<int64_t>(min_rows, tile_elements / ld));
+                                  : std::min<int64_t>(nq, std::max<int64_t>(min_rows, 2 * tile_elements / ld));
     const int64_t tiles_per_batch = (nq + rows_per_tile - 1) / rows_per_tile;
     const int64_t ntiles = batches_per_tile > 1 ? (B + batches_per_tile - 1) / batches_per_tile : B * tiles_per_batch;
     {
