@@ -64,3 +64,15 @@ def quant_checkpoints(tmp_path_factory, tiny_checkpoint):
                      "-q"]) == 0
         out[name] = (cfg, ckpt)
     return out
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The compiled statistics kernel, forced on (skips where no compiler can build it)."""
+    from sam2_layerwise.capture import native
+
+    monkeypatch.setenv(native.MODE_ENV, "compiled")
+    try:
+        native.kernel()
+    except native.KernelUnavailable as exc:
+        pytest.skip(f"no compiler here: {exc}")

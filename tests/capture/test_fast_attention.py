@@ -21,15 +21,6 @@ from tests.conftest import CHELSEA, REPO, TINY_CONFIG
 STATS = ("entropy", "entropy_norm", "max_prob", "topk_mass")
 
 
-@pytest.fixture
-def compiled(monkeypatch):
-    monkeypatch.setenv(native.MODE_ENV, "compiled")
-    try:
-        native.kernel()
-    except native.KernelUnavailable as exc:
-        pytest.skip(f"no compiler here: {exc}")
-
-
 def _reference(q, k, v, scale, topk=5):
     p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)
     ent = -torch.special.xlogy(p, p).sum(-1)
@@ -138,3 +129,4 @@ def test_cli_flag_and_summary(compiled, tmp_path, tiny_checkpoint, capfd):
     assert "fast_attention" not in exact["capture_options"] and "masks_may_differ" not in exact["fidelity"]
     assert not any("fast_attention" in a for a in exact["attention"])
     assert "--fast-attention: " in said and "masks may differ from plain SAM 2" in said
+
