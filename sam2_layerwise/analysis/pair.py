@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,10 +164,11 @@ def model_entry(loaded, qm, cap, hashes: dict | None = None, sha=None) -> dict:
 
 def write_half(writer, name: str, cap, image: np.ndarray, *, model_info: dict, image_info: dict, out_opts,
                command: list[str], mode: str, full: bool, qm=None, kept: dict | None = None,
-               extra: dict | None = None) -> None:
+               extra: dict | None = None, progress: bool = True) -> None:
     """One half (`original/` or `quantized/`) of a compare run, in visualize's layout. For the quantized half
     (`qm` given) the summary also gets the quantizers' report and `compare.errors` measured against `kept`
-    (the original half's `_kept`)."""
+    (the original half's `_kept`). `progress`: whether its tensors get a progress bar (not when written in
+    the background, under another bar)."""
     from sam2_layerwise.cli.quantize import annotate_capture
     from sam2_layerwise.store.image_run import write_image_run
 
@@ -177,7 +180,7 @@ def write_half(writer, name: str, cap, image: np.ndarray, *, model_info: dict, i
     summary_extra.update(extra or {})
     _drop_whole_grid_qkv(cap, full)
     write_image_run(writer.sub(name), cap, image, model_info=model_info, image_info=image_info, opts=out_opts,
-                    command=command, extra_summary=summary_extra)
+                    command=command, extra_summary=summary_extra, progress=progress)
 
 
 def compare_manifest(args, *, mode: str, models: dict, image_info: dict, prompts, calls: int, qcfg,
@@ -236,7 +239,10 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
     fp_side = None  # attribution: what the float half leaves behind (state, prediction, block cache)
     owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)  # a new compare also drops the old analysis
     reuse = None  # the float half's model, lent to the quantized half (not with --attribute, which keeps both)
-    with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer, hashes:
+    pending = None  # the float half, written in the background
+    # the pool is left (waiting for the writing) before the writer cleans up after a failure
+    with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer, hashes, \
+            ThreadPoolExecutor(1, thread_name_prefix="compare-write") as background:
         for spec in specs:
             hashes.start(spec.config, spec.checkpoint)
             loaded, qm = _build(spec, args, reuse=reuse)
@@ -274,9 +280,16 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 atomic_write_json(extra["attribution"], writer.path(cr.ATTRIBUTION))
                 fp_side = None
             info = info or image_info(args.image, image, hashes.get(args.image))
-            write_half(writer, spec.name, cap, image, model_info=loaded.describe(), image_info=info,
-                       out_opts=out_opts, command=command, mode=mode, full=full, qm=qm,
-                       kept=kept if qm is not None else None)
+            if pending is not None:
+                pending.result()  # the float half is on disk (or its error is raised here)
+                pending = None
+            job = functools.partial(write_half, writer, spec.name, cap, image, model_info=loaded.describe(),
+                                    image_info=info, out_opts=out_opts, command=command, mode=mode, full=full,
+                                    qm=qm, kept=kept if qm is not None else None, progress=spec is specs[-1])
+            if spec is specs[-1]:
+                job()
+            else:  # written while the next model loads and runs (its files need nothing of the model)
+                pending = background.submit(job)
             calls = len(cap.attention)
             models[spec.name] = model_entry(loaded, qm, cap, sha=hashes.get)
             if qm is None and not attribute:

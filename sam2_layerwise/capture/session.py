@@ -275,23 +275,16 @@ class CaptureSession:
         self.nonfinite.append({"module": name, "call_index": call_index, "tensor": tensor})
 
     def _check_finite(self, name: str, call_index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Record which of `tensors` hold NaN/inf (one sync when all are finite, the common case).
+        """Record which of `tensors` hold NaN/inf (`finite.nonfinite`: one sync when all are finite, the common
+        case). The attention output is read first: NaN/inf in q, k or v reaches it (all but a -inf score, whose
+        key then gets probability 0 and changes nothing), so q/k/v are read only when it is not finite."""
+        from sam2_layerwise.finite import nonfinite
 
-        A sum is finite exactly when no element is NaN/inf, unless finite values overflow it (|sum| > 3e38):
-        one read and no boolean copy per tensor; only a non-finite sum is looked at element by element. The
-        attention output is read first: NaN/inf in q, k or v reaches it (all but a -inf score, whose key then
-        gets probability 0 and changes nothing), so q/k/v are read only when it is not finite."""
-        with torch.autocast(next(iter(tensors.values())).device.type, enabled=False):
-            last = tensors.get("attention output")
-            if last is not None and bool(torch.isfinite(last.sum(dtype=torch.float32))):
-                return
-            sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])
-        if bool(torch.isfinite(sums).all()):
+        last = tensors.get("attention output")
+        if last is not None and not nonfinite({"attention output": last}):
             return
-        flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
-        for (what, _), ok in zip(tensors.items(), flags.tolist()):
-            if not ok:
-                self._note_nonfinite(name, call_index, what)
+        for what in nonfinite(tensors):
+            self._note_nonfinite(name, call_index, what)
 
     # -- the record -------------------------------------------------------------------------------
     def _observe(self, name, module, kind, view, out):

@@ -358,8 +358,9 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
 
 def nonfinite_tensors(state: dict) -> list[str]:
     """Names of the floating-point tensors in a state dict that hold NaN or inf."""
-    return [k for k, t in state.items()
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    from sam2_layerwise.finite import nonfinite
+
+    return nonfinite(state)
 
 
 def warn_nonfinite(state: dict, checkpoint: str) -> None:
@@ -393,4 +394,4 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None
     """Write `{"model": state_dict}` (SAM 2's own format), atomically."""
     from sam2_layerwise.store.atomic import atomic_torch_save
 
-    return atomic_torch_save({"model": model.state_dict(), **(extra or {})}, Path(path))
+    return atomic_torch_save({"model": model.state_dict(), **(extra or {})}, Path(path), remember_hash=True)

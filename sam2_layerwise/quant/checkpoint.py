@@ -191,7 +191,7 @@ def save_quantized_checkpoint(qm, path: str | Path, calibration: dict | None = N
     """Write the checkpoint atomically."""
     from sam2_layerwise.store.atomic import atomic_torch_save
 
-    return atomic_torch_save(quant_checkpoint(qm, calibration), Path(path))
+    return atomic_torch_save(quant_checkpoint(qm, calibration), Path(path), remember_hash=True)
 
 
 def resolve_base_config(qcfg: QuantConfig) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,8 +36,37 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def atomic_torch_save(obj, path: Path) -> Path:
-    return _atomic(Path(path), lambda f: torch.save(obj, f))
+class _Hashing:
+    """A file that takes the SHA-256 of what is written through it (torch.save's writer only writes and flushes)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj, path: Path, remember_hash: bool = False) -> Path:
+    """torch.save, atomically. `remember_hash` (checkpoints): the file's SHA-256 is taken from the bytes as they are
+    written and remembered (`hashing.remember`), so the run that reads the checkpoint next does not hash it again."""
+    if not remember_hash:
+        return _atomic(Path(path), lambda f: torch.save(obj, f))
+    hashed = []
+
+    def write(f):
+        out = _Hashing(f)
+        torch.save(obj, out)
+        hashed.append(out.sha.hexdigest())
+
+    done = _atomic(Path(path), write)
+    from sam2_layerwise.store.hashing import remember
+
+    remember(done, hashed[0])
+    return done
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> Path:

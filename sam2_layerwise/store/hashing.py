@@ -61,6 +61,18 @@ def _remember(path: Path, st: os.stat_result, digest: str) -> None:
         pass
 
 
+def remember(path: Path | str, digest: str) -> None:
+    """Remember `digest` as the SHA-256 of the file just written at `path` (by the writer that hashed its bytes
+    on the way out), as `sha256_file` would after reading it."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if st.st_size >= REMEMBER_BYTES and _HEX.fullmatch(digest):
+        _remember(path, st, digest)
+
+
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
     path = Path(path)
     with open(path, "rb") as f:

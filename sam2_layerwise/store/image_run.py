@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,9 +85,9 @@ def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, o
 
 def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarray, *, model_info: dict,
                     image_info: dict, opts: OutputOptions, command: list[str] | None, extra_summary: dict | None = None,
-                    before_summary=None) -> dict:
+                    before_summary=None, progress: bool = True) -> dict:
     """Write predictions, prediction images and attention tensors, call `before_summary(writer)` (renderers),
-    then the summary. Returns the summary dict."""
+    then the summary. Returns the summary dict. `progress`: a progress bar over the tensors."""
     from sam2_layerwise import __version__
 
     pred = cap.prediction
@@ -98,16 +99,23 @@ def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarr
         "prompts": cap.prompts.to_dict(),
     }, writer.path(layout.PREDICTIONS))
     files["predictions"] = layout.PREDICTIONS
-    if opts.prediction_images:
-        files["prediction_images"] = []
-        for name, img in prediction_images(image, pred.masks, pred.iou_predictions, cap.prompts).items():
-            rel = f"{layout.PREDICTION_IMAGES}/{name}"
-            atomic_save_png(img, writer.path(rel), compress_level=1)  # ~4x faster than zlib's default, ~10% larger
-            files["prediction_images"].append(rel)
-    if opts.save_attn or opts.save_qkv:
-        for record in tqdm(cap.attention, desc="saving tensors", unit="layer", leave=False, disable=None):
-            write_attention_tensors(writer, record, opts)
-        files["attn_tensors"] = f"{layout.ATTN_TENSORS}/"
+    # the pictures are encoded (zlib, outside the GIL) by a thread while the tensors are saved
+    with ThreadPoolExecutor(1, thread_name_prefix="png") as encoder:
+        encoded = []
+        if opts.prediction_images:
+            files["prediction_images"] = []
+            for name, img in prediction_images(image, pred.masks, pred.iou_predictions, cap.prompts).items():
+                rel = f"{layout.PREDICTION_IMAGES}/{name}"
+                # level 1: ~4x faster than zlib's default, ~10% larger
+                encoded.append(encoder.submit(atomic_save_png, img, writer.path(rel), compress_level=1))
+                files["prediction_images"].append(rel)
+        if opts.save_attn or opts.save_qkv:
+            for record in tqdm(cap.attention, desc="saving tensors", unit="layer", leave=False,
+                               disable=None if progress else True):
+                write_attention_tensors(writer, record, opts)
+            files["attn_tensors"] = f"{layout.ATTN_TENSORS}/"
+        for done in encoded:
+            done.result()
     if before_summary is not None:
         files.update(before_summary(writer) or {})
     summary = build_summary(

@@ -283,12 +283,15 @@ class RunWriter:
         return self
 
     def path(self, rel: str) -> Path:
-        root = self.staging.resolve()
-        p = (self.staging / rel).resolve()
-        if not p.is_relative_to(root) or p == root:
+        # lexical: everything under an owned entry of the staging folder was made by this writer (carried
+        # entries, the only ones that may hold symlinks, are never owned), so no link can lead elsewhere
+        norm = os.path.normpath(rel)
+        parts = Path(norm).parts
+        if os.path.isabs(norm) or not parts or parts[0] in (".", ".."):
             raise ValueError(f"refusing to write outside the run directory: {rel}")
-        if p.relative_to(root).parts[0] not in self.owned:
+        if parts[0] not in self.owned:
             raise ValueError(f"this writer does not own {rel} (owns {', '.join(self.owned)})")
+        p = self.staging / norm
         p.parent.mkdir(parents=True, exist_ok=True)
         self.written.append(rel)
         return p

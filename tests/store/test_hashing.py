@@ -74,3 +74,25 @@ def test_json_layout_round_trips():
     back = json.loads(text)
     assert back == json.loads(json.dumps(obj))
     assert text.splitlines()[:3] == ["{", ' "a": {', '  "b": [1, 2.5, {"c": null}],']
+
+
+def test_checkpoints_remember_their_hash_as_they_are_written(tmp_path, cache):
+    """save_checkpoint hashes the bytes on their way out: the entry it leaves is the file's real SHA-256, and a
+    later sha256_file takes it instead of reading the file."""
+    import torch
+
+    from sam2_layerwise.model.loading import save_checkpoint
+
+    f = tmp_path / "ckpt.pt"
+    save_checkpoint(torch.nn.Linear(64, 64), f)
+    (entry,) = cache.iterdir()
+    assert json.loads(entry.read_text())["sha256"] == _sha(f)
+    assert torch.load(f, weights_only=True)["model"]["weight"].shape == (64, 64)
+
+    assert hashing._remembered(f, f.stat()) == _sha(f)  # what sha256_file will take without reading the file
+    # overwritten in place afterwards: the entry no longer matches and the new bytes are hashed
+    with open(f, "r+b") as h:
+        h.seek(100)
+        h.write(b"\1" * 8)
+    assert hashing._remembered(f, f.stat()) is None
+    assert hashing.sha256_file(f) == _sha(f)

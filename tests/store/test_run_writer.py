@@ -211,3 +211,23 @@ def test_files_follow_the_umask(tmp_path):
 
     p = atomic.atomic_write_bytes(b"x", tmp_path / "f.bin")
     assert p.stat().st_mode & 0o777 == 0o666 & ~atomic.UMASK
+
+
+@pytest.mark.parametrize("rel", ["../escape.txt", "/tmp/abs.txt", ".", "", "attn_tensors/../../escape.txt",
+                                 "attn_tensors/../.."])
+def test_paths_outside_the_run_are_refused(tmp_path, rel):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="outside the run directory"):
+        with layout.RunWriter(out) as w:
+            w.path(rel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_paths_are_normalised_inside_the_staging_folder(tmp_path):
+    out = tmp_path / "run"
+    with layout.RunWriter(out) as w:
+        p = w.path(f"{layout.ATTN_TENSORS}/./a/../b.pt")
+        assert p == w.staging / layout.ATTN_TENSORS / "b.pt" and p.parent.is_dir()
+        p.write_bytes(b"x")
+        w.path(layout.SUMMARY).write_text("{}")
+    assert (out / layout.ATTN_TENSORS / "b.pt").read_bytes() == b"x"
