@@ -641,13 +641,15 @@ static INLINE vf round_even(vf y) {
 
 // out = (clamp(round(x / s) + z, lo, hi) - z) * s over x[0..n), each step a float32 operation in the order torch's
 // ops run them (`quant.quantizers.fake_quantize`), so the result is bit-identical to them. With `monitor` the
-// error sums of `error_sums` in the same read (codes outside [lo, hi] counted before the clamp).
-HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, float s, float z, float lo, float hi,
-                                     bool monitor) {
+// error sums of `error_sums` in the same read (codes outside [lo, hi] counted before the clamp). `s` and `z` point
+// at one scale and zero point, or (per_element) at n of each: channels along x's last dimensions.
+template <bool per_element>
+static INLINE ErrorSums quant_span(const float* x, float* out, int64_t n, const float* s, const float* z, float lo,
+                                   float hi, bool monitor) {
     ErrorSums found;
     ErrorLanes lanes;
-    const vf vs = splat(s), vz = splat(z), vlo = splat(lo), vhi = splat(hi);
-    auto quantize = [&](vf v, vf& raw) {
+    const vf vlo = splat(lo), vhi = splat(hi);
+    auto quantize = [&](vf v, vf vs, vf vz, vf& raw) {
         raw = round_even(v / vs) + vz;
         vf c = raw < vlo ? vlo : raw;  // NaN stays NaN, as in torch.clamp
         c = c > vhi ? vhi : c;
@@ -659,7 +661,7 @@ HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, floa
         for (; i + L <= b; i += L) {
             const vf v = load(x + i);
             vf raw;
-            const vf q = quantize(v, raw);
+            const vf q = per_element ? quantize(v, load(s + i), load(z + i), raw) : quantize(v, splat(*s), splat(*z), raw);
             std::memcpy(out + i, &q, sizeof q);
             if (monitor) {
                 lanes.add(v, q);
@@ -667,12 +669,17 @@ HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, floa
             }
         }
         if (monitor) lanes.flush(found);
-        if (i < b) {  // the tail, through one padded vector
-            float tail[L] = {};
+        if (i < b) {  // the tail, through one padded vector (padding: scale 1, zero point 0)
+            float tail[L] = {}, ts[L], tz[L] = {};
+            for (int64_t l = 0; l < L; ++l) ts[l] = 1.0f;
             std::memcpy(tail, x + i, sizeof(float) * (b - i));
+            if (per_element) {
+                std::memcpy(ts, s + i, sizeof(float) * (b - i));
+                std::memcpy(tz, z + i, sizeof(float) * (b - i));
+            }
             const vf v = load(tail);
             vf raw;
-            const vf q = quantize(v, raw);
+            const vf q = per_element ? quantize(v, load(ts), load(tz), raw) : quantize(v, splat(*s), splat(*z), raw);
             std::memcpy(tail, &q, sizeof q);
             std::memcpy(out + i, tail, sizeof(float) * (b - i));
             if (monitor) {
@@ -682,6 +689,16 @@ HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, floa
     }
     lanes.finish(found);
     return found;
+}
+
+HOT static ErrorSums fake_quant_span(const float* x, float* out, int64_t n, float s, float z, float lo, float hi,
+                                     bool monitor) {
+    return quant_span<false>(x, out, n, &s, &z, lo, hi, monitor);
+}
+
+HOT static ErrorSums fake_quant_span_channels(const float* x, float* out, int64_t n, const float* s, const float* z,
+                                              float lo, float hi, bool monitor) {
+    return quant_span<true>(x, out, n, s, z, lo, hi, monitor);
 }
 
 }  // namespace
@@ -719,6 +736,38 @@ std::vector<torch::Tensor> fake_quant(torch::Tensor x, torch::Tensor scale, torc
     const float* px = x.data_ptr<float>();
     float* po = out.data_ptr<float>();
     const float *ps = scale.data_ptr<float>(), *pz = zero_point.data_ptr<float>();
+    // channels along the last dimensions (a Linear's input per channel: inner 1): runs of one channel are too
+    // short to vectorise, so each row of C * inner elements is quantized with per-element scale and zero point
+    const int64_t period = C * inner;
+    if (C > 1 && inner < 4 * L && period <= (1 << 20) && n % period == 0) {
+        std::vector<float> es(period), ez(period);
+        for (int64_t j = 0; j < period; ++j) {
+            es[j] = ps[j / inner];
+            ez[j] = pz[j / inner];
+        }
+        const int64_t rows = n / period;
+        const int64_t per_task = std::max<int64_t>(1, (1 << 15) / period);
+        const int64_t tasks = (rows + per_task - 1) / per_task;
+        std::vector<ErrorSums> found(tasks);
+        const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+        {
+            pybind11::gil_scoped_release no_gil;
+            at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+                for (int64_t t = begin; t < end; ++t) {
+                    ErrorSums acc;
+                    for (int64_t r = t * per_task, stop = std::min(rows, (t + 1) * per_task); r < stop; ++r) {
+                        acc.add(fake_quant_span_channels(px + r * period, po + r * period, period, es.data(),
+                                                         ez.data(), flo, fhi, monitor));
+                    }
+                    found[t] = acc;
+                }
+            });
+        }
+        if (!monitor) return {out};
+        ErrorSums all;
+        for (const auto& f : found) all.add(f);
+        return {out, all.tensor()};
+    }
     const int64_t runs = inner > 0 ? n / inner : 0;
     const int64_t per_part = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // runs per task
     const int64_t parts = C > 1 ? (runs + per_part - 1) / per_part : std::max<int64_t>(1, std::min<int64_t>(
