@@ -3,8 +3,10 @@
 On the chosen architecture at its image size with random weights saved as a real SAM 2 checkpoint and a W8A8
 checkpoint calibrated from it by `sam2-layerwise quantize` (one photograph):
 
-- plain: build the float model + SAM2ImagePredictor, then the fake-quantized model + predictor, one after the
-  other (what a user would run without this tool);
+- plain: SAM 2's own `build_sam2` + SAM2ImagePredictor for the float model, then the same for the fake-quantized
+  model (build_sam2's model given the quantized checkpoint's weights and quantizers), one after the other (what a
+  user would run without this tool); also both through this tool's loader, which skips the random
+  initialisation the checkpoints overwrite, as a second reference;
 - `compare --save-raw` and `compare --save-full-attn`, in-process, the same image and click;
 - `generate` on the light run (all layers and heads) and on the full run, against one plain float forward;
   generate's peak memory (VmHWM) above what it held before, in a fresh process;
@@ -40,26 +42,42 @@ def cli(*args) -> float:
     return time.perf_counter() - t
 
 
-def plain_pair(config, fp_ckpt, q_ckpt) -> tuple[float, float]:
-    """(float + quantized plain runs including loading, one plain float forward)."""
+def plain_pair(config, fp_ckpt, q_ckpt, loader: str = "sam2") -> tuple[float, float]:
+    """(float + quantized plain runs including loading, one plain float forward), one model after the other.
+
+    loader "sam2": SAM 2 as its own package builds it, `sam2.build_sam.build_sam2` (hydra, random initialisation,
+    then the checkpoint), for both models; the second takes the quantized checkpoint's weights and fake quantizers
+    (`load_quantized_model` on the model build_sam2 made). loader "tool": both through this tool's loader, which
+    skips the random initialisation a checkpoint overwrites (`model.loading.skip_init`)."""
     import gc
 
+    import torch
+    from sam2.build_sam import build_sam2
+
     from sam2_layerwise import build_model, load_image, parse_prompts, run_plain
+    from sam2_layerwise.model.loading import LoadedModel, resolve_config
     from sam2_layerwise.quant import load_quant_config, load_quantized_model
 
     image = load_image(IMAGE)
     prompts = parse_prompts([float(v) for v in POINTS], None, None, image.shape[1], image.shape[0])
     t0 = time.perf_counter()
-    model = build_model(config, str(fp_ckpt), device="cpu").model
+    if loader == "sam2":
+        model = build_sam2(config, str(fp_ckpt), device="cpu")
+    else:
+        model = build_model(config, str(fp_ckpt), device="cpu").model
     t1 = time.perf_counter()
     run_plain(model, image, prompts)
     forward = time.perf_counter() - t1
     del model
     gc.collect()
-    loaded, _ = load_quantized_model(config, str(q_ckpt), load_quant_config(QCFG), device="cpu")
+    reuse = None
+    if loader == "sam2":
+        reuse = LoadedModel(model=build_sam2(config, None, device="cpu"), config_path=resolve_config(config),
+                            checkpoint_path=None, device=torch.device("cpu"), random_init=True)
+    loaded, _ = load_quantized_model(config, str(q_ckpt), load_quant_config(QCFG), device="cpu", reuse=reuse)
     run_plain(loaded.model, image, prompts)
     total = time.perf_counter() - t0
-    del loaded
+    del loaded, reuse
     gc.collect()
     return total, forward
 
@@ -115,19 +133,24 @@ def main():
               flush=True)
         base = ["compare", "--config-original", args.config, "--checkpoint-original", str(fp), "--config-quantized",
                 str(QCFG), "--checkpoint-quantized", str(q), "--image", str(IMAGE), "--points", *POINTS]
-        ratios, plain_s, forward_s, light_s = [], [], [], []
-        for _ in range(args.repeats):  # paired: plain and compare back to back
-            plain, forward = plain_pair(args.config, fp, q)
+        ratios, tool_ratios, plain_s, tool_s, forward_s, light_s = [], [], [], [], [], []
+        for i in range(args.repeats):  # paired: plain (both loaders, order alternating) and compare back to back
+            for loader in ("sam2", "tool") if i % 2 == 0 else ("tool", "sam2"):
+                total, forward = plain_pair(args.config, fp, q, loader)
+                (plain_s if loader == "sam2" else tool_s).append(total)
+                if loader == "sam2":
+                    forward_s.append(forward)
             light = cli(*base, "--output-dir", str(tmp / "light"), "--save-raw")
-            plain_s.append(plain)
-            forward_s.append(forward)
             light_s.append(light)
-            ratios.append(light / plain)
-        print(f"plain float + quantized (load + predict each): {statistics.median(plain_s):.1f} s "
-              f"(one plain float forward {statistics.median(forward_s):.1f} s)")
+            ratios.append(light / plain_s[-1])
+            tool_ratios.append(light / tool_s[-1])
+        print(f"plain float + quantized (SAM 2's build_sam2 + predictor, each): {statistics.median(plain_s):.1f} s "
+              f"(one plain float forward {statistics.median(forward_s):.1f} s); through this tool's loader "
+              f"(no random initialisation): {statistics.median(tool_s):.1f} s")
         print(f"compare --save-raw: {statistics.median(light_s):.1f} s -> {statistics.median(ratios):.2f} x plain "
-              f"(target <= 1.1); each repeat: {' '.join(f'{r:.2f}' for r in ratios)} (the first hashes the new "
-              f"checkpoints; later runs find their hashes remembered)", flush=True)
+              f"(target <= 1.1); each repeat: {' '.join(f'{r:.2f}' for r in ratios)}")
+        print(f"  against plain runs through this tool's loader: {statistics.median(tool_ratios):.2f} x; each repeat: "
+              f"{' '.join(f'{r:.2f}' for r in tool_ratios)}", flush=True)
         if args.light_only:
             return
         full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")
