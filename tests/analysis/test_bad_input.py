@@ -74,6 +74,59 @@ def test_compare_over_a_good_run_that_fails_keeps_it(tmp_path, tiny_checkpoint, 
     one_line(capsys, "--output-dir", "another kind")
 
 
+def test_failure_writing_the_float_half_in_the_background(tmp_path, tiny_checkpoint, quant_checkpoints,
+                                                          compare_runs, monkeypatch, capsys):
+    """The float half is written by a background thread while the quantized half runs: an error there (a full
+    disk) fails the compare once the quantized half is captured, the previous run stays byte-identical and no
+    staging folder is left behind, even with the thread still writing when the main thread fails."""
+    import threading
+
+    from sam2_layerwise.store import image_run
+
+    run = tmp_path / "run"
+    shutil.copytree(compare_runs["w8a8", "raw"], run)
+    before = snapshot(run)
+    real = image_run.write_attention_tensors
+    threads = []
+
+    def disk_full(writer, record, opts):
+        threads.append(threading.current_thread().name)
+        if "original" in str(writer.path("predictions.pt")):
+            raise OSError(28, "No space left on device")
+        return real(writer, record, opts)
+
+    monkeypatch.setattr(image_run, "write_attention_tensors", disk_full)
+    assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], run)) != 0
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert threads and threads[0].startswith("compare-write")
+    capsys.readouterr()
+
+    # the main thread fails (the quantized half) while the float half is still being written: the writer waits
+    # for the thread before it removes the staging folder
+    release = threading.Event()
+
+    def slow(writer, record, opts):
+        release.wait(5)
+        return real(writer, record, opts)
+
+    from sam2_layerwise.analysis import pair
+
+    real_build = pair._build
+
+    def failing_build(spec, args, reuse=None):
+        if spec.qcfg is not None:
+            threading.Timer(0.3, release.set).start()
+            raise pair.CaptureError("quantized half failed", flag="--checkpoint-quantized", value="x")
+        return real_build(spec, args, reuse=reuse)
+
+    monkeypatch.setattr(image_run, "write_attention_tensors", slow)
+    monkeypatch.setattr(pair, "_build", failing_build)
+    assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], run)) == 2
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 @pytest.fixture
 def run_copy(tmp_path, compare_runs):
     run = tmp_path / "run"
