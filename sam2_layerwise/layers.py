@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from sam2_layerwise.errors import InputError
 
-_RANGE = re.compile(r"^(?P<prefix>.*?)(?P<a>\d+):(?P<b>\d+)(?P<suffix>\D.*)?$")
-_DIGITS = re.compile(r"\d+")
+_RANGE = re.compile(r"^(?P<prefix>.*?)(?P<a>\d+):(?P<b>\d+)(?P<suffix>\D.*)?$", re.ASCII)
+_DIGITS = re.compile(r"\d+", re.ASCII)
 _HUGE = 10**18  # no model has this many layers; longer bounds compare as this (int() refuses > 4300 digits)
 
 
@@ -99,7 +99,10 @@ def _range_hits(rng: LayerRange, keys: list[str], flag: str, spec: str) -> list[
 def select(keys: list[str], spec: str | None, flag: str = "--layers") -> list[str]:
     """The keys (in their order) matched by `spec`; every pattern, and every number of a range, must match at
     least one key."""
-    if spec is None or spec.strip() in ("", "all", "*"):
+    if spec is not None and not spec.strip():
+        raise InputError("is empty; give layer names, globs, comma lists or ranges (or leave the flag out for all)",
+                         flag=flag, value=repr(spec))
+    if spec is None or spec.strip() in ("all", "*"):
         return list(keys)
     chosen = set()
     for pat in expand(spec, flag):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sam2_layerwise.capture.attention import attention_tile, row_tiles
+from sam2_layerwise.capture.attention import attention_tile, row_tiles, saved_scale
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.geometry.hiera import HieraLayerGeometry
 from sam2_layerwise.metrics import PAIR_METRICS, output_impact, pair_metrics, relative_error_from_parts, sq_err_parts
@@ -108,12 +108,15 @@ def select_pairs(pairs: list[LayerPair], spec: str | None) -> list[LayerPair]:
     return [p for p in pairs if p.layer_key in chosen]
 
 
-_HEADS = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+_HEADS = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$", re.ASCII)
 
 
 def parse_heads(spec: str | None, max_heads: int) -> list[int] | None:
     """`all` -> None (every head); `0,3,5`; `0:3` (inclusive, like layer ranges: 0, 1, 2, 3)."""
-    if spec is None or spec.strip().lower() in ("all", "*", ""):
+    if spec is not None and not spec.strip():
+        raise InputError("is empty; give all, a list (0,3,5) or an inclusive range (0:3)", flag="--heads",
+                         value=repr(spec))
+    if spec is None or spec.strip().lower() in ("all", "*"):
         return None
     heads: list[int] = []
     for part in spec.split(","):
@@ -144,8 +147,10 @@ def _load(run: CompareRun, half: str, entry: dict, what: str, needs: tuple[str, 
     except Exception as exc:  # a damaged or foreign file: say which
         raise InputError(f"{half}/{rel} cannot be loaded ({type(exc).__name__}); the run is damaged", flag=FLAG,
                          value=str(run.run_dir)) from None
-    if not isinstance(data, dict) or any(not isinstance(data.get(n), torch.Tensor) for n in needs):
-        raise InputError(f"{half}/{rel} does not hold {', '.join(needs)} tensors", flag=FLAG, value=str(run.run_dir))
+    if not isinstance(data, dict) or any(not isinstance(data.get(n), torch.Tensor) or not data[n].is_floating_point()
+                                         or data[n].layout != torch.strided for n in needs):
+        raise InputError(f"{half}/{rel} does not hold {', '.join(needs)} as dense floating-point tensors", flag=FLAG,
+                         value=str(run.run_dir))
     return data
 
 
@@ -199,8 +204,10 @@ def error_table(found, pair: LayerPair) -> dict[str, torch.Tensor] | None:
     """One call's entry of `compare.errors` (`analysis.pair.selected_errors`) as name -> [heads] tensors;
     None when it is malformed."""
     out = {}
-    if not isinstance(found, dict):
+    if found is None:
         return out
+    if not isinstance(found, dict):
+        return None
     for name in ERRORS:
         v = found.get(name)
         if v is None:
@@ -242,6 +249,10 @@ def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
     if p.dim() != 3 or p.shape[1] != pair.heads:
         raise InputError(f"{pair.layer_key}: attention rows of shape {list(p.shape)} do not fit {pair.heads} heads",
                          flag=FLAG, value=str(run.run_dir))
+    for half, rows in (("original", p), ("quantized", q)):  # NaN may be real (a model with NaN weights): kept
+        if bool((rows < 0).any()) or bool((rows > 1 + 1e-3).any()):
+            raise InputError(f"{half}: the saved attention rows of {pair.layer_key} are not probabilities (values "
+                             f"below 0 or above 1); the run is damaged", flag=FLAG, value=str(run.run_dir))
     return light_result(pair, p, q, k, saved_errors(run, pair), fa, qa)
 
 
@@ -293,8 +304,8 @@ def measure_full(run: CompareRun, pair: LayerPair, k: int, tile_elements: int = 
         _same_shape(run, pair, n, ff[n], qf[n])
     G, h, nq, _ = ff["q"].shape  # [G, heads, Nq, d]
     nk = ff["k"].shape[-2]
-    scale_f, scale_q = float(ff.get("scale", 0)), float(qf.get("scale", 0))
-    if not (math.isfinite(scale_f) and math.isfinite(scale_q) and scale_f > 0 and scale_q > 0):
+    scale_f, scale_q = saved_scale(ff.get("scale")), saved_scale(qf.get("scale"))
+    if scale_f is None or scale_q is None:
         raise InputError(f"{pair.layer_key}: the saved attention scale is not a positive number", flag=FLAG,
                          value=str(run.run_dir))
     transform = probs_transform(qf, run, pair)
@@ -414,8 +425,9 @@ def read_attribution(run: CompareRun) -> dict | None:
     if data.get("schema") != ATTRIBUTION_SCHEMA or data.get("mode") not in MODES or \
             not isinstance(data.get("units"), list):
         raise bad
-    version = data.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > ATTRIBUTION_VERSION:
+    from sam2_layerwise.store.schema import version_problem
+
+    if version_problem(data, ATTRIBUTION, ATTRIBUTION_VERSION):
         raise bad
     for row in data["units"]:
         if not isinstance(row, dict):

@@ -22,6 +22,16 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def saved_scale(value) -> float | None:
+    """An attention scale read back from a file (untrusted): the positive finite real number it is, else None
+    (a string, a bool, a tensor of several elements, NaN, 0)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: ProbsTransform = None) -> torch.Tensor:
     """Attention probabilities as the kernel used them.
 

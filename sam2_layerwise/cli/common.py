@@ -12,7 +12,7 @@ from sam2_layerwise.errors import one_line
 
 # argparse takes only -1 and -.5 for negative numbers: `--points -1e3 5 1` or `--box -inf ...` read as an unknown
 # flag and ended "--points: expected at least one argument", never naming the value
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE | re.ASCII)
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,12 +69,11 @@ def _whole(text: str) -> int:
     """int(text); a number of more than 30 digits reads as ±10**30 (int() refuses > 4300 digits, and no count
     or seed here comes near 10**30), so range checks still say the right thing."""
     t = text.strip()
-    if re.fullmatch(r"[+-]?\d{31,}", t):
+    if not re.fullmatch(r"[+-]?[0-9]+", t):  # int() would also take "1_000" and other scripts' digits
+        raise argparse.ArgumentTypeError("not a whole number")
+    if len(t.lstrip("+-")) > 30:
         return -10**30 if t.startswith("-") else 10**30
-    try:
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number") from None
+    return int(t)
 
 
 def positive_int(text: str) -> int:

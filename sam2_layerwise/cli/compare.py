@@ -3,11 +3,10 @@ twin on the same image, prompts and query tokens; write one run directory with b
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
-from sam2_layerwise.cli.common import device_name, setup_logging
+from sam2_layerwise.cli.common import Parser, device_name, positive_int, setup_logging
 from sam2_layerwise.errors import InputError, ModelError
 
 log = logging.getLogger("sam2_layerwise")
@@ -61,10 +60,12 @@ def add_arguments(p) -> None:
     p.add_argument("--attribute-layers", default=None, metavar="LAYERS",
                    help="units to attribute (names, globs, ranges); default every Hiera block, decoder attention "
                         "layer and other quantized component")
-    donor = argparse.ArgumentParser(add_help=False)
+    donor = Parser(add_help=False)  # its actions refuse a second value, as compare's own do
     visualize.add_arguments(donor)
     for action in donor._actions:
         if any(o in BORROWED for o in action.option_strings):
+            if "--stats-topk" in action.option_strings:  # generate compares both models' top-k mass: k >= 1
+                action.type, action.help = positive_int, "k of the top-k mass statistic, 1 or more (default 5)"
             p._add_action(action)
 
 

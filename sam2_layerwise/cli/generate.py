@@ -19,7 +19,6 @@ EXAMPLES = """examples:
   # the decoder only, heads 0 to 3, top-10 metrics, into analysis_decoder/
   sam2-layerwise generate --run-dir RUN --layers 'sam_mask_decoder*' --heads 0:3 --topk 10 --output analysis_decoder"""
 
-RESERVED = ("original", "quantized", "manifest.json")
 
 
 def add_arguments(p) -> None:
@@ -35,13 +34,38 @@ def add_arguments(p) -> None:
 
 
 def check_output_name(name: str) -> str:
+    from sam2_layerwise.store import compare_run as cr
     from sam2_layerwise.store.layout import safe_name
 
     clean = name.strip().rstrip("/")
-    if not clean or safe_name(clean) != clean or clean in RESERVED:
-        raise InputError("must be one plain folder name inside the run ([A-Za-z0-9._-], not original/quantized)",
-                         flag="--output", value=name)
+    if not clean or safe_name(clean) != clean or clean in (".", ".."):
+        raise InputError("must be one plain folder name inside the run ([A-Za-z0-9._-])", flag="--output", value=name)
+    if clean in (cr.MANIFEST, *cr.HALVES, cr.ATTRIBUTION):
+        raise InputError("is the name of the compare run's own data; give another folder name", flag="--output",
+                         value=name)
     return clean
+
+
+def check_output_entry(run_dir, name: str, shown: str) -> None:
+    """The analysis replaces `run_dir/name` only when it is new, an empty folder or an analysis `generate` wrote
+    (its metrics.json): a file or folder of the user's is never replaced."""
+    import json
+
+    from sam2_layerwise.analysis.generate import METRICS_SCHEMA
+
+    target = run_dir / name
+    if target.is_symlink():
+        raise InputError("is a link inside the run; give another folder name", flag="--output", value=shown)
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    try:
+        with open(target / "metrics.json", "rb") as f:
+            ours = json.loads(f.read(64 << 20)).get("schema") == METRICS_SCHEMA
+    except (OSError, ValueError, RecursionError, AttributeError):
+        ours = False
+    if not target.is_dir() or not ours:
+        raise InputError(f"{target} exists and is not an analysis written by generate; give another folder name so "
+                         f"nothing of yours is replaced", flag="--output", value=shown)
 
 
 def run(args) -> int:
@@ -56,6 +80,7 @@ def run(args) -> int:
     opts = GenerateOptions(layers=args.layers, heads=args.heads, topk=args.topk, rank=args.rank,
                            output=check_output_name(args.output))
     run_ = open_compare_run(args.run_dir)
+    check_output_entry(run_.run_dir, opts.output, args.output)
     writer = RunWriter(run_.run_dir, owned=(opts.output,), kind=COMPARE_RUN, flag="--run_dir")
     t0 = time.perf_counter()
     # Light mode's tensors are small (a few rows per layer), as are the tables, plots and the viewer's maps in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sam2_layerwise.cli.common import add_model_flags, seed_int, setup_logging
+from sam2_layerwise.cli.common import seed_int, setup_logging
 
 EXAMPLES = """examples:
   sam2-layerwise init-checkpoint --config configs/sam2.1/sam2.1_hiera_b+.yaml --output random_b+.pt --seed 1"""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sam2_layerwise.cli.common import nonnegative_int, positive_int, setup_logging
+from sam2_layerwise.cli.common import positive_int, setup_logging
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 

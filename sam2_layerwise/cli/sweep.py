@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sam2_layerwise.cli.common import positive_int, seed_int
+from sam2_layerwise.cli.common import Parser, positive_int, seed_int
 
 EXAMPLES = """examples:
   # every image of a folder, one click in the middle of each
@@ -43,7 +43,7 @@ def _cpus(text: str) -> float:
 def add_arguments(p) -> None:
     from sam2_layerwise.cli import compare
 
-    donor = argparse.ArgumentParser(add_help=False)
+    donor = Parser(add_help=False)  # its actions refuse a second value, as sweep's own do
     compare.add_arguments(donor)
     for action in donor._actions:
         if any(o in BORROWED_COMPARE for o in action.option_strings):

@@ -181,7 +181,7 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is the file's problem
-        raise ModelError(_load_refusal(exc) + _cached_hint(path), flag=flag, value=str(path)) from None
+        raise ModelError(_load_refusal(exc, path) + _cached_hint(path), flag=flag, value=str(path)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ModelError("not a SAM 2 checkpoint: expected a dict with a 'model' state dict" + _cached_hint(path),
                          flag=flag, value=str(path))
@@ -196,9 +196,19 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> dict:
     return ckpt
 
 
-def _load_refusal(exc: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file, in one line: the global it would not import (a pickled
-    class, function or `os.system` reference), or the loader's own reason without its boilerplate."""
+def _load_refusal(exc: BaseException, path: Path | None = None) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line: not a PyTorch file at all (neither torch's
+    zip archive nor a pickle), the global it would not import (a pickled class, function or `os.system`
+    reference), or the loader's own reason without its boilerplate."""
+    head = None
+    try:
+        if path is not None:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except OSError:
+        pass
+    if head and head != b"PK" and head[:1] != b"\x80":  # zip magic; pickle protocol 2+ opcode
+        return "is not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)"
     text = str(exc)
     found = re.search(r"\bGLOBAL ([\w.]+)", text)
     if found:

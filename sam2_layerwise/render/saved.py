@@ -27,7 +27,8 @@ from sam2_layerwise.render.run import RenderPlan, render_views
 from sam2_layerwise.store import layout
 from sam2_layerwise.store.atomic import atomic_write_json, safe_load
 from sam2_layerwise.store.layout import RunWriter
-from sam2_layerwise.store.summary import SCHEMA
+from sam2_layerwise.store.schema import version_problem
+from sam2_layerwise.store.summary import SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -213,6 +214,8 @@ def check_summary(summary, run_dir: Path, flag: str = "--run-dir") -> None:
     if not isinstance(summary, dict) or summary.get("schema") != SCHEMA:
         raise InputError(f"{layout.SUMMARY} is not a sam2-layerwise summary (schema {SCHEMA!r})", flag=flag,
                          value=str(run_dir))
+    if problem := version_problem(summary, layout.SUMMARY, SCHEMA_VERSION):
+        raise InputError(problem, flag=flag, value=str(run_dir))
     fr = c.dict(c.get(summary, "frame", ""), "frame")
     c.int(c.get(fr, "orig_w", "frame"), "frame.orig_w", 1, MAX_SIDE)
     c.int(c.get(fr, "orig_h", "frame"), "frame.orig_h", 1, MAX_SIDE)

@@ -39,12 +39,16 @@ class CompareRun:
 
     def path(self, half: str, rel: str, flag: str = "--run_dir") -> Path:
         """A file a half's summary names, checked to resolve inside the run directory and to exist."""
-        return inside(self.run_dir, f"{half}/{rel}", flag)
+        return inside(self.run_dir, rel, flag, under=half)
 
 
-def inside(run_dir: Path, rel, flag: str) -> Path:
+def inside(run_dir: Path, rel, flag: str, under: str = "") -> Path:
+    """`run_dir/under/rel`, where `rel` was read from a file of the run (untrusted): refused unless it resolves
+    to an existing file inside the run directory."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
-        raise InputError(f"names a file outside the run ({rel!r})", flag=flag, value=str(run_dir))
+        raise InputError(f"names a file outside the run ({under + ': ' if under else ''}{str(rel)[:200]!r})",
+                         flag=flag, value=str(run_dir))
+    rel = f"{under}/{rel}" if under else rel
     root = run_dir.resolve()
     p = (run_dir / rel).resolve()
     if not p.is_relative_to(root):
@@ -61,7 +65,7 @@ def _read_json(path: Path, what: str, flag: str, run_dir: Path, limit: int = 512
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise InputError(f"is not a whole compare run: {what} is missing", flag=flag, value=str(run_dir)) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InputError(f"{what} cannot be read ({type(exc).__name__}); the run is damaged", flag=flag,
                          value=str(run_dir)) from None
     if not isinstance(data, dict):
@@ -78,7 +82,9 @@ def _need(d: dict, key: str, typ, what: str, flag: str, run_dir: Path):
 
 def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun:
     """Read and check a compare run: manifest schema and version, both halves present, same image and prompts."""
+    from sam2_layerwise.store.schema import version_problem
     from sam2_layerwise.store.summary import SCHEMA as SUMMARY_SCHEMA
+    from sam2_layerwise.store.summary import SCHEMA_VERSION as SUMMARY_VERSION
 
     p = Path(str(run_dir)).expanduser()
     if not str(run_dir).strip():
@@ -92,22 +98,25 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
     m = _read_json(p / MANIFEST, MANIFEST, flag, p, limit=64 << 20)
     if m.get("schema") != SCHEMA:
         raise InputError(f"{MANIFEST} is not a sam2-layerwise compare manifest", flag=flag, value=str(run_dir))
-    version = m.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise InputError(f"{MANIFEST} has no valid schema_version", flag=flag, value=str(run_dir))
-    if version > SCHEMA_VERSION:
-        raise InputError(f"{MANIFEST} is schema version {version}, newer than this tool reads ({SCHEMA_VERSION}); "
-                         f"upgrade sam2-layerwise", flag=flag, value=str(run_dir))
+    if problem := version_problem(m, MANIFEST, SCHEMA_VERSION):
+        raise InputError(problem, flag=flag, value=str(run_dir))
     mode = m.get("mode")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise InputError(f"{MANIFEST} has an unknown mode {mode!r}", flag=flag, value=str(run_dir))
     _need(m, "image", dict, MANIFEST, flag, p)
     _need(m, "prompts", dict, MANIFEST, flag, p)
+    models = _need(m, "models", dict, MANIFEST, flag, p)
+    if any(not isinstance(models.get(half), dict) for half in HALVES):
+        raise InputError(f"{MANIFEST} lacks a valid 'models' entry for each half", flag=flag, value=str(run_dir))
+    if m.get("quantization_config") is not None:
+        _need(m, "quantization_config", dict, MANIFEST, flag, p)
     summaries = {}
     for half in HALVES:
         s = _read_json(p / half / layout.SUMMARY, f"{half}/{layout.SUMMARY}", flag, p)
         if s.get("schema") != SUMMARY_SCHEMA:
             raise InputError(f"{half}/{layout.SUMMARY} is not a sam2-layerwise summary", flag=flag, value=str(run_dir))
+        if problem := version_problem(s, f"{half}/{layout.SUMMARY}", SUMMARY_VERSION):
+            raise InputError(problem, flag=flag, value=str(run_dir))
         att = _need(s, "attention", list, f"{half}/{layout.SUMMARY}", flag, p)
         for entry in att:
             if not isinstance(entry, dict) or not isinstance(entry.get("layer_key"), str) \
@@ -117,6 +126,10 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
                                  value=str(run_dir))
         for key in ("frame", "prompts", "image", "prediction"):
             _need(s, key, dict, f"{half}/{layout.SUMMARY}", flag, p)
+        if s.get("compare") is not None:  # the quantized half's errors measured by compare
+            found = _need(s, "compare", dict, f"{half}/{layout.SUMMARY}", flag, p)
+            if found.get("errors") is not None:
+                _need(found, "errors", dict, f"{half}/{layout.SUMMARY} compare", flag, p)
         summaries[half] = s
     a, b = summaries["original"], summaries["quantized"]
     if a["image"].get("sha256") != b["image"].get("sha256") or a["frame"] != b["frame"]:

@@ -71,8 +71,10 @@ def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, o
             "kernel_dtype": str(full["q"].dtype).replace("torch.", ""),
             "probs_quantizer": full.get("probs_quantizer"),
             "layer_key": record.layer_key, "geometry": record.geometry,
-            "note": "q/k/v of every group exactly as the kernel used them (float16: rounded, inexact); any query "
-                    "row is recomputed by capture.attention.attention_rows with probs_quantizer as transform",
+            "note": ("q/k/v of every group exactly as the kernel used them" if opts.save_full == "float32" else
+                     f"q/k/v of every group as the kernel used them, rounded to {opts.save_full} (inexact)")
+                    + "; any query row is recomputed by capture.attention.attention_rows with probs_quantizer as "
+                      "transform",
         }
     for what, payload in payloads.items():
         rel = f"{layer_dir}/{stem}__{what}.pt"

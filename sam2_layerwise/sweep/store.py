@@ -162,12 +162,10 @@ class SweepDir:
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise InputError(f"{MANIFEST} is not a sam2-layerwise sweep manifest", flag=self.flag,
                              value=str(self.path))
-        version = data.get("schema_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InputError(f"{MANIFEST} has no valid schema_version", flag=self.flag, value=str(self.path))
-        if version > SCHEMA_VERSION:
-            raise InputError(f"{MANIFEST} is schema version {version}, newer than this tool reads "
-                             f"({SCHEMA_VERSION}); upgrade sam2-layerwise", flag=self.flag, value=str(self.path))
+        from sam2_layerwise.store.schema import version_problem
+
+        if problem := version_problem(data, MANIFEST, SCHEMA_VERSION):
+            raise InputError(problem, flag=self.flag, value=str(self.path))
         if not isinstance(data.get("identity"), dict):
             raise InputError(f"{MANIFEST} lacks its identity (models and options)", flag=self.flag,
                              value=str(self.path))

@@ -657,6 +657,7 @@ def compare_viewer_in_memory(run, out: str = "analysis") -> dict[str, bytes]:
 def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
     """Full mode saves q/k/v once, in `__full.pt`: hand a decoder image->token call's q/k to its views, so the
     renderer can draw which image tokens attend to each decoder token (`to_<role>` maps)."""
+    from sam2_layerwise.capture.attention import saved_scale
     from sam2_layerwise.store.atomic import safe_load
     from sam2_layerwise.store.compare_run import inside
 
@@ -673,7 +674,10 @@ def _image_to_token_qkv(vrun, calls: list[dict]) -> None:
                 q, k, v = full["q"], full["k"], full["v"]  # [1, heads, image tokens / tokens, d]
                 if q.dim() != 4 or q.shape[0] != 1 or q.shape[1] != c["heads"] or k.shape[:2] != q.shape[:2]:
                     raise ValueError(f"q {list(q.shape)}, k {list(k.shape)}")
-                view.qkv = {"groups": [0], "q": q.float(), "k": k.float(), "v": v.float(), "scale": float(full["scale"])}
+                scale = saved_scale(full.get("scale"))
+                if scale is None:
+                    raise ValueError("the attention scale is not a positive number")
+                view.qkv = {"groups": [0], "q": q.float(), "k": k.float(), "v": v.float(), "scale": scale}
             except Exception as exc:  # noqa: BLE001 - the maps of the selected queries are still shown
                 log.warning("viewer: %s %s: no image->token maps (%s)", h.side, rel, exc)
 

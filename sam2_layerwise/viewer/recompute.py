@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from sam2_layerwise.capture.attention import attention_probs, attention_rows
+from sam2_layerwise.capture.attention import attention_probs, attention_rows, saved_scale
 from sam2_layerwise.errors import condense
 from sam2_layerwise.geometry import HieraLayerGeometry
 from sam2_layerwise.render.maps import RecordView, probs_transformed
@@ -110,10 +110,10 @@ class Recomputer:
                 and q.shape[3] == k.shape[3] and k.shape[2] == v.shape[2]):
             raise NotAvailable(f"{half.title}: {rel}: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not "
                                f"fit {entry['heads']} heads")
-        scale = data.get("scale")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        scale = saved_scale(data.get("scale"))
+        if scale is None:
             raise NotAvailable(f"{half.title}: {rel}: the attention scale is not a positive number")
-        return data
+        return {**data, "scale": scale}
 
     def tensors(self, key: tuple[str, int]) -> dict:
         """side -> {"what": "full"/"qkv", "data": dict, "transform": probs quantizer or None} for one call."""

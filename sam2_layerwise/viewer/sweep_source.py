@@ -189,10 +189,10 @@ def open_sweep(run_dir: str | Path, flag: str = "RUN_DIR") -> SweepSource:
         raise bad(f"{MANIFEST} cannot be read as JSON ({type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise bad(f"{MANIFEST} is not a sam2-layerwise sweep manifest")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
-        raise bad(f"{MANIFEST} has schema version {str(version)[:20]}; this tool reads 1..{SCHEMA_VERSION} "
-                  f"(upgrade sam2-layerwise for a newer one)")
+    from sam2_layerwise.store.schema import version_problem
+
+    if problem := version_problem(manifest, MANIFEST, SCHEMA_VERSION):
+        raise bad(problem)
     if not (p / "items.parquet").exists():
         raise bad(f"has no items.parquet yet (sweep status: {str(manifest.get('status'))[:40]}); the tables are "
                   f"written when the sweep ends: wait for it, or rerun it over this directory to finish it")

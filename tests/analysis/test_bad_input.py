@@ -151,6 +151,18 @@ def _escape(run):
     _edit_json(run / "original" / "layerwise_summary.json", fn)
 
 
+def _scale_rows(run, factor):
+    """The original half's first saved attention rows multiplied by `factor` (no longer probabilities)."""
+    import torch
+
+    s = json.loads((run / "original" / "layerwise_summary.json").read_text())
+    path = run / "original" / s["attention"][0]["files"]["attn"]
+    data = torch.load(path, weights_only=True)
+    data["probs"] = data["probs"] * factor
+    path.unlink()  # a hard link shared with attn_tensors/all/: replaced, not written through
+    torch.save(data, path)
+
+
 @pytest.mark.parametrize("damage, extra, needles", [
     (lambda r: shutil.rmtree(r / "quantized"), [], ["--run_dir", "quantized/layerwise_summary.json is missing"]),
     (_drop_tensor, [], ["--run_dir", "truncated", "__attn.pt is missing"]),
@@ -167,6 +179,43 @@ def _escape(run):
     (lambda r: None, ["--heads", "9"], ["--heads 9", "at most 8 heads"]),
     (lambda r: None, ["--heads", "x"], ["--heads x"]),
     (lambda r: None, ["--output", "../elsewhere"], ["--output ../elsewhere"]),
+    # forged fields of the manifest and the summaries: one line naming the run, never an internal error
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(mode=["light"])), [], ["--run_dir", "mode"]),
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(models="x")), [], ["--run_dir", "'models'"]),
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m["models"].update(quantized=[1, 2])), [],
+     ["--run_dir", "'models'"]),
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(quantization_config=5)), [],
+     ["--run_dir", "quantization_config"]),
+    (lambda r: (r / "manifest.json").write_text("[" * 100000 + "]" * 100000), [],
+     ["--run_dir", "manifest.json cannot be read (RecursionError)"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json", lambda s: s.update(compare="x")), [],
+     ["--run_dir", "'compare'"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["compare"].update(errors=[1])), [], ["--run_dir", "'errors'"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["compare"]["errors"].update({s["attention"][0]["file_stem"]: "x"})), [],
+     ["--run_dir", "compare.errors of image_encoder_trunk_blocks_0 is malformed"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json", lambda s: s.update(schema_version=999)), [],
+     ["--run_dir", "quantized/layerwise_summary.json is schema version 999", "newer"]),
+    (lambda r: _edit_json(r / "original" / "layerwise_summary.json",
+                          lambda s: s["attention"][0]["files"].update(attn="/etc/passwd")), [],
+     ["--run_dir", "outside the run", "/etc/passwd"]),
+    (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
+    (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
+    # selections
+    (lambda r: None, ["--heads", ""], ["--heads", "is empty"]),
+    (lambda r: None, ["--heads", " "], ["--heads", "is empty"]),
+    (lambda r: None, ["--layers", ""], ["--layers", "is empty"]),
+    (lambda r: None, ["--heads", "\u0663"], ["--heads"]),  # an Arabic-Indic 3 is not a head number
+    (lambda r: None, ["--topk", "\u0663"], ["--topk", "not a whole number"]),
+    (lambda r: None, ["--topk", "1_0"], ["--topk", "not a whole number"]),
+    # the analysis never replaces the run's own data or the user's files
+    (lambda r: None, ["--output", "manifest.json"], ["--output manifest.json", "compare run's own data"]),
+    (lambda r: None, ["--output", "attribution.json"], ["--output attribution.json", "compare run's own data"]),
+    (lambda r: (r / "notes.txt").write_text("mine"), ["--output", "notes.txt"], ["--output notes.txt", "not an analysis"]),
+    (lambda r: ((r / "notes").mkdir(), (r / "notes" / "n.txt").write_text("mine")), ["--output", "notes"],
+     ["--output notes", "not an analysis"]),
+    (lambda r: (r / "elsewhere").symlink_to(r.parent), ["--output", "elsewhere"], ["--output elsewhere", "link"]),
 ])
 def test_generate_refuses(run_copy, capsys, damage, extra, needles):
     damage(run_copy)
@@ -182,3 +231,27 @@ def test_generate_on_other_directories(tmp_path, capsys):
     (tmp_path / "layerwise_summary.json").write_text("{}")
     assert main(["generate", "--run-dir", str(tmp_path)]) == 2
     one_line(capsys, "--run_dir", "not a compare run", "visualize")
+
+
+def test_generate_replaces_its_own_analysis_folders(run_copy, capsys):
+    """A second generate into the same --output replaces the first; an empty folder of that name is taken."""
+    assert main(["generate", "--run_dir", str(run_copy), "--output", "again", "-q"]) == 0
+    (run_copy / "again" / "metrics_heads.csv").write_text("stale")
+    assert main(["generate", "--run_dir", str(run_copy), "--output", "again", "-q"]) == 0
+    assert (run_copy / "again" / "metrics_heads.csv").read_text() != "stale"
+    (run_copy / "empty").mkdir()
+    assert main(["generate", "--run_dir", str(run_copy), "--output", "empty", "-q"]) == 0
+    assert (run_copy / "empty" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--box", "1", "1", "50", "50", "--box", "2", "2", "60", "60"], ["--box 2 2 60 60", "given twice"]),
+    (["--stats-topk", "0"], ["--stats-topk 0", "greater than 0"]),
+    (["--layers", ""], ["--layers", "is empty"]),
+    (["--max-attn-queries", "\u0663"], ["--max-attn-queries", "not a whole number"]),
+])
+def test_compare_refuses_ambiguous_flags(tmp_path, tiny_checkpoint, quant_checkpoints, capsys, extra, needles):
+    args = compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], tmp_path / "out") + extra
+    assert main(args) == 2
+    one_line(capsys, *needles)
+    assert not (tmp_path / "out").exists()

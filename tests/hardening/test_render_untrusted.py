@@ -85,6 +85,8 @@ def test_the_untouched_copy_renders(capsys, run_copy):
     (lambda s: s.update(query_locations=[{"label": "q", "x": 1}]), ["query_locations[0].y is missing"]),
     (lambda s: s.update(files=None), ["files is null"]),
     (lambda s: s.update(schema="someone-else/summary"), ["is not a sam2-layerwise summary"]),
+    (lambda s: s.update(schema_version=999), ["layerwise_summary.json is schema version 999", "newer"]),
+    (lambda s: s.update(schema_version="1"), ["layerwise_summary.json has no valid schema_version"]),
 ])
 def test_malformed_summaries_are_one_line(capsys, run_copy, edit, needles):
     summary = _summary(run_copy)
