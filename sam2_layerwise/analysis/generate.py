@@ -20,7 +20,7 @@ from sam2_layerwise.errors import InputError
 from sam2_layerwise.geometry.hiera import HieraLayerGeometry
 from sam2_layerwise.metrics import PAIR_METRICS, output_impact, pair_metrics, relative_error_from_parts, sq_err_parts
 from sam2_layerwise.metrics import summarise
-from sam2_layerwise.store.compare_run import CompareRun
+from sam2_layerwise.store.compare_run import METRICS_SCHEMA, CompareRun
 
 FLAG = "--run_dir"
 ALL_QUERY_STATS = ("entropy_norm", "topk_mass", "max_prob")
@@ -442,7 +442,6 @@ def read_attribution(run: CompareRun) -> dict | None:
 
 
 # -- the whole analysis --------------------------------------------------------------------------------------
-METRICS_SCHEMA = "sam2-layerwise/metrics"
 METRICS_VERSION = 1
 PLOTTED = ("js_mean", "js_p95", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk", "q_rel_err",
            "k_rel_err", "v_rel_err", "out_rel_err")

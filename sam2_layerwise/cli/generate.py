@@ -49,21 +49,14 @@ def check_output_name(name: str) -> str:
 def check_output_entry(run_dir, name: str, shown: str) -> None:
     """The analysis replaces `run_dir/name` only when it is new, an empty folder or an analysis `generate` wrote
     (its metrics.json): a file or folder of the user's is never replaced."""
-    import json
-
-    from sam2_layerwise.analysis.generate import METRICS_SCHEMA
+    from sam2_layerwise.store.compare_run import is_analysis
 
     target = run_dir / name
     if target.is_symlink():
         raise InputError("is a link inside the run; give another folder name", flag="--output", value=shown)
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
-    try:
-        with open(target / "metrics.json", "rb") as f:
-            ours = json.loads(f.read(64 << 20)).get("schema") == METRICS_SCHEMA
-    except (OSError, ValueError, RecursionError, AttributeError):
-        ours = False
-    if not target.is_dir() or not ours:
+    if not is_analysis(target):
         raise InputError(f"{target} exists and is not an analysis written by generate; give another folder name so "
                          f"nothing of yours is replaced", flag="--output", value=shown)
 

@@ -42,6 +42,32 @@ class CompareRun:
         return inside(self.run_dir, rel, flag, under=half)
 
 
+METRICS_SCHEMA = "sam2-layerwise/metrics"  # generate's metrics.json
+
+
+def is_analysis(path: Path) -> bool:
+    """Whether `path` is an analysis folder `generate` wrote (its metrics.json says so)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        with open(path / "metrics.json", "rb") as f:
+            data = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == METRICS_SCHEMA
+
+
+def owned_entries(run_dir: Path, *names: str) -> tuple[str, ...]:
+    """What a new compare run replaces in `run_dir`: `names`, and every analysis `generate` wrote of the old
+    capture (under any --output name: it would describe a capture that is gone). Nothing else is touched."""
+    found = []
+    try:
+        found = sorted(e.name for e in Path(run_dir).iterdir() if e.name not in names and is_analysis(e))
+    except OSError:
+        pass
+    return (*names, *found)
+
+
 def inside(run_dir: Path, rel, flag: str, under: str = "") -> Path:
     """`run_dir/under/rel`, where `rel` was read from a file of the run (untrusted): refused unless it resolves
     to an existing file inside the run directory."""

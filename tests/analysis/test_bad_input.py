@@ -255,3 +255,17 @@ def test_compare_refuses_ambiguous_flags(tmp_path, tiny_checkpoint, quant_checkp
     assert main(args) == 2
     one_line(capsys, *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_compare_drops_every_old_analysis_and_keeps_the_users_files(run_copy, tiny_checkpoint,
+                                                                           quant_checkpoints):
+    """Analyses describe the capture they were made from: a new compare over the run removes each one `generate`
+    wrote (any --output name), and leaves the user's own files and folders as they were."""
+    assert main(["generate", "--run_dir", str(run_copy), "--output", "analysis_decoder", "-q"]) == 0
+    (run_copy / "notes").mkdir()
+    (run_copy / "notes" / "metrics.json").write_text('{"schema": "mine"}')
+    (run_copy / "NOTES.md").write_text("mine")
+    assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], run_copy)) == 0
+    assert not (run_copy / "analysis_decoder").exists()
+    assert (run_copy / "notes" / "metrics.json").read_text() == '{"schema": "mine"}'
+    assert (run_copy / "NOTES.md").read_text() == "mine"
