@@ -152,8 +152,11 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
                                  value=str(run_dir))
         for key in ("frame", "prompts", "image", "prediction"):
             _need(s, key, dict, f"{half}/{layout.SUMMARY}", flag, p)
+        for key in ("capture_options", "frames", "compare"):  # optional sections: objects when present
+            if s.get(key) is not None:
+                _need(s, key, dict, f"{half}/{layout.SUMMARY}", flag, p)
         if s.get("compare") is not None:  # the quantized half's errors measured by compare
-            found = _need(s, "compare", dict, f"{half}/{layout.SUMMARY}", flag, p)
+            found = s["compare"]
             if found.get("errors") is not None:
                 _need(found, "errors", dict, f"{half}/{layout.SUMMARY} compare", flag, p)
         summaries[half] = s

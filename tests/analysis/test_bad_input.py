@@ -190,6 +190,8 @@ def _scale_rows(run, factor):
      ["--run_dir", "manifest.json cannot be read (RecursionError)"]),
     (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json", lambda s: s.update(compare="x")), [],
      ["--run_dir", "'compare'"]),
+    (lambda r: _edit_json(r / "original" / "layerwise_summary.json", lambda s: s.update(capture_options=[5])), [],
+     ["--run_dir", "'capture_options'"]),
     (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
                           lambda s: s["compare"].update(errors=[1])), [], ["--run_dir", "'errors'"]),
     (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
