@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import sys
 import threading
@@ -13,6 +14,8 @@ from sam2_layerwise.errors import LayerwiseError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+# the machine, not the tool: a full disk or quota, a read-only file system, a file too large, an I/O error
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 
 class Terminated(KeyboardInterrupt):
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         # a signal raised inside a library call may come back as the library's own error (torch.save: RuntimeError)
         interrupted = isinstance(exc, KeyboardInterrupt) or (bool(_SIGNALLED) and isinstance(exc, Exception))
+        if not interrupted and isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and not args.traceback:
+            where = f" {exc.filename}" if exc.filename else ""
+            done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
+                "; nothing was changed"
+            sys.stderr.write(f"sam2-layerwise {args.command}: error: cannot write{where}: {exc.strerror}{done}\n")
+            return EXIT_INTERNAL
         if not interrupted:
             if not isinstance(exc, Exception) or args.traceback:
                 raise

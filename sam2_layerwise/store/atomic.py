@@ -30,42 +30,57 @@ def _atomic(path: Path, write) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # say which file could not be written
         raise
     return path
 
 
-class _Hashing:
-    """A file that takes the SHA-256 of what is written through it (torch.save's writer only writes and flushes)."""
+class _Watched:
+    """The file torch.save writes through (its writer only writes and flushes): keeps the first OSError a write
+    raised (torch turns it into "RuntimeError: unexpected pos", which would hide a full disk) and, with `sha`,
+    the SHA-256 of what was written."""
 
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+    def __init__(self, f, sha: bool):
+        self.f, self.sha, self.error = f, hashlib.sha256() if sha else None, None
 
     def write(self, data) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
 def atomic_torch_save(obj, path: Path, remember_hash: bool = False) -> Path:
-    """torch.save, atomically. `remember_hash` (checkpoints): the file's SHA-256 is taken from the bytes as they are
-    written and remembered (`hashing.remember`), so the run that reads the checkpoint next does not hash it again."""
-    if not remember_hash:
-        return _atomic(Path(path), lambda f: torch.save(obj, f))
+    """torch.save, atomically; a write that fails (a full disk) raises its OSError. `remember_hash` (checkpoints):
+    the file's SHA-256 is taken from the bytes as they are written and remembered (`hashing.remember`), so the run
+    that reads the checkpoint next does not hash it again."""
     hashed = []
 
     def write(f):
-        out = _Hashing(f)
-        torch.save(obj, out)
-        hashed.append(out.sha.hexdigest())
+        out = _Watched(f, remember_hash)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        if out.sha is not None:
+            hashed.append(out.sha.hexdigest())
 
     done = _atomic(Path(path), write)
-    from sam2_layerwise.store.hashing import remember
+    if hashed:
+        from sam2_layerwise.store.hashing import remember
 
-    remember(done, hashed[0])
+        remember(done, hashed[0])
     return done
 
 
