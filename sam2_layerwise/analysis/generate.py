@@ -21,6 +21,7 @@ from sam2_layerwise.geometry.hiera import HieraLayerGeometry
 from sam2_layerwise.metrics import PAIR_METRICS, output_impact, pair_metrics, relative_error_from_parts, sq_err_parts
 from sam2_layerwise.metrics import summarise
 from sam2_layerwise.store.compare_run import METRICS_SCHEMA, CompareRun
+from sam2_layerwise.store.schema import version_problem
 
 FLAG = "--run_dir"
 ALL_QUERY_STATS = ("entropy_norm", "topk_mass", "max_prob")
@@ -425,8 +426,6 @@ def read_attribution(run: CompareRun) -> dict | None:
     if data.get("schema") != ATTRIBUTION_SCHEMA or data.get("mode") not in MODES or \
             not isinstance(data.get("units"), list):
         raise bad
-    from sam2_layerwise.store.schema import version_problem
-
     if version_problem(data, ATTRIBUTION, ATTRIBUTION_VERSION):
         raise bad
     for row in data["units"]:

@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         # a signal raised inside a library call may come back as the library's own error (torch.save: RuntimeError)
         interrupted = isinstance(exc, KeyboardInterrupt) or (bool(_SIGNALLED) and isinstance(exc, Exception))
+        done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
+            "; nothing was changed"
         if not interrupted and isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and not args.traceback:
             where = f" {exc.filename}" if exc.filename else ""
-            done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
-                "; nothing was changed"
             sys.stderr.write(f"sam2-layerwise {args.command}: error: cannot write{where}: {exc.strerror}{done}\n")
             return EXIT_INTERNAL
         if not interrupted:
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERNAL
         terminated = bool(_SIGNALLED) or isinstance(exc, Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
-        done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
-            "; nothing was changed"
         sys.stderr.write(f"sam2-layerwise {args.command}: {what}{done}\n")
         return 143 if terminated else 130
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.store import layout
+from sam2_layerwise.store.schema import version_problem
 from sam2_layerwise.store.hashing import sha256_file  # noqa: F401  (compare's callers use it from here)
 
 COMPARE_RUN = layout.COMPARE_RUN
@@ -108,7 +109,6 @@ def _need(d: dict, key: str, typ, what: str, flag: str, run_dir: Path):
 
 def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun:
     """Read and check a compare run: manifest schema and version, both halves present, same image and prompts."""
-    from sam2_layerwise.store.schema import version_problem
     from sam2_layerwise.store.summary import SCHEMA as SUMMARY_SCHEMA
     from sam2_layerwise.store.summary import SCHEMA_VERSION as SUMMARY_VERSION
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from sam2_layerwise.errors import InputError, utf8_text
 from sam2_layerwise.store import layout
+from sam2_layerwise.store.schema import version_problem
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -162,8 +163,6 @@ class SweepDir:
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise InputError(f"{MANIFEST} is not a sam2-layerwise sweep manifest", flag=self.flag,
                              value=str(self.path))
-        from sam2_layerwise.store.schema import version_problem
-
         if problem := version_problem(data, MANIFEST, SCHEMA_VERSION):
             raise InputError(problem, flag=self.flag, value=str(self.path))
         if not isinstance(data.get("identity"), dict):

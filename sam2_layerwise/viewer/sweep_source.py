@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from sam2_layerwise.errors import InputError
+from sam2_layerwise.store.schema import version_problem
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -189,8 +190,6 @@ def open_sweep(run_dir: str | Path, flag: str = "RUN_DIR") -> SweepSource:
         raise bad(f"{MANIFEST} cannot be read as JSON ({type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise bad(f"{MANIFEST} is not a sam2-layerwise sweep manifest")
-    from sam2_layerwise.store.schema import version_problem
-
     if problem := version_problem(manifest, MANIFEST, SCHEMA_VERSION):
         raise bad(problem)
     if not (p / "items.parquet").exists():

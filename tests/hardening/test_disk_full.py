@@ -39,21 +39,25 @@ class _Full(io.RawIOBase):
 
 
 @pytest.fixture
-def full_disk(monkeypatch):
-    def fdopen(fd, mode="r", *a, **k):
-        return io.BufferedWriter(_Full(fd, room=600), buffer_size=256)
+def fill_disk(monkeypatch):
+    """Call it to make every atomic write from then on fail after 600 bytes, as on a full disk."""
 
-    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+    def fill():
+        monkeypatch.setattr(atomic.os, "fdopen",
+                            lambda fd, mode="r", *a, **k: io.BufferedWriter(_Full(fd, room=600), buffer_size=256))
+
+    return fill
 
 
-def test_torch_save_raises_the_disk_error(tmp_path, full_disk):
+def test_torch_save_raises_the_disk_error(tmp_path, fill_disk):
+    fill_disk()
     with pytest.raises(OSError) as found:
         atomic.atomic_torch_save({"t": torch.randn(4096)}, tmp_path / "x.pt")
     assert found.value.errno == errno.ENOSPC and found.value.filename == str(tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []  # no temporary file left
 
 
-def test_visualize_on_a_full_disk_says_so_and_keeps_the_old_run(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+def test_visualize_on_a_full_disk_says_so_and_keeps_the_old_run(tmp_path, tiny_checkpoint, capsys, fill_disk):
     out = tmp_path / "run"
     args = ["visualize", "--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint), "--image", str(CHELSEA),
             "--points", "220", "150", "1", "--save-attn", "--output-dir", str(out), "-q"]
@@ -61,10 +65,7 @@ def test_visualize_on_a_full_disk_says_so_and_keeps_the_old_run(tmp_path, tiny_c
     before = snapshot(out)
     capsys.readouterr()
 
-    def fdopen(fd, mode="r", *a, **k):
-        return io.BufferedWriter(_Full(fd, room=600), buffer_size=256)
-
-    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+    fill_disk()
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot write {out.parent}" in err[0] and "No space left on device" in err[0], err

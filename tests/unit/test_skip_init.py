@@ -47,3 +47,22 @@ def test_skip_init_leaves_tensors_untouched_and_restores_torch():
             raise RuntimeError("constructor failed")
     assert {n: getattr(torch.nn.init, n) for n in real} == real
     assert not torch.equal(torch.nn.init.normal_(torch.zeros(8)), torch.zeros(8))
+
+
+def test_the_loader_skips_initialisation_only_when_a_checkpoint_sets_the_weights(tmp_path, monkeypatch):
+    """build_model with a checkpoint runs no torch.nn.init initialiser; with --random-init it does (seeded)."""
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counted)
+    model = build_model(TINY_CONFIG, random_init=True, seed=0, device="cpu").model
+    assert calls  # every Linear and Conv of the random model was initialised
+    save_checkpoint(model, tmp_path / "w.pt")
+    calls.clear()
+    build_model(TINY_CONFIG, str(tmp_path / "w.pt"), device="cpu")
+    assert not calls
+    assert torch.nn.init.kaiming_uniform_ is counted  # put back as it was found
