@@ -19,5 +19,6 @@ if ! .venv/bin/python -c "import torch, torchvision, sam2, sam2_layerwise, av, p
   SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet --no-build-isolation $SAM2
   .venv/bin/python -m pip install --quiet -e ".[test,ray]"  # ray: sweep --engine ray and its tests (run in CI)
 fi
-# The compiled statistics kernel: built once into ~/.cache/sam2_layerwise/ext (the torch path serves without a compiler)
-.venv/bin/python -c "from sam2_layerwise.capture import native; print('bootstrap: all-query statistics path:', native.path_name())" >&2 || true
+# The compiled statistics kernels: built once into ~/.cache/sam2_layerwise/ext (the torch path serves without a
+# compiler); the flash one is checked against torch's own attention kernel before it is used
+.venv/bin/python -c "from sam2_layerwise.capture import native; print('bootstrap: all-query statistics path:', native.path_name(), '| float attention with statistics on the way:', native.flash_kernel() is not None)" >&2 || true

@@ -51,6 +51,26 @@ def float_kernel(q, k, v, scale=None):
     return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
 
 
+def flash_stats_kernel(q, k, v, scale=None, stats_topk: int | None = None):
+    """Float attention when a capture wants the statistics of every query: torch's own CPU flash attention output,
+    bit for bit (`native.flash_stats` repeats its operations; checked against it before first use), with the
+    statistics taken from the same tiles: one q·kᵀ per call instead of a second pass over the scores. Where torch
+    would not run its flash kernel (another device or dtype, autocast, reduced-precision products, a layout it
+    declines) or the compiled kernel is unavailable, torch computes the output and the observers the statistics."""
+    from sam2_layerwise.capture import native
+
+    if stats_topk is None or not native.flash_usable(q, k, v):
+        return float_kernel(q, k, v, scale)
+    out, (ent, mx, top) = native.flash_stats(q, k, v, scale, stats_topk)
+    nk = k.shape[-2]
+    stats = {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0), "max_prob": mx,
+             "topk_mass": top}
+    return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, stats=stats)
+
+
+flash_stats_kernel.tile_statistics = True
+
+
 class FastKernel:
     """`--fast-attention` (opt-in): the compiled statistics kernel computes the attention output itself from the
     tiles it computes the statistics from, one q·kᵀ per call instead of two. Its output is not torch's fused
@@ -109,7 +129,7 @@ def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                              is_causal=is_causal, scale=scale, **kwargs)
     frame = _stack.frames[-1]
-    kernel = frame.kernel or float_kernel
+    kernel = frame.kernel or flash_stats_kernel
     # An explicitly tiled kernel (quantized attention) can hand observers the per-query statistics of every
     # query from the probabilities it computes anyway, instead of their computing the scores a second time.
     topk = next((o.stats_topk for o in frame.observers if getattr(o, "stats_topk", None) is not None), None)

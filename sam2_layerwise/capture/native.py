@@ -60,11 +60,11 @@ def ext_cache() -> Path:
     return base / "sam2_layerwise" / "ext"
 
 
-def _build_dir() -> tuple[str, Path]:
-    key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(f"{torch.__version__}|{sys.version}|{platform.machine()}|{CFLAGS}".encode())
+def _build_dir(source: Path = SOURCE, cflags: list[str] = CFLAGS, stem: str = "sam2_layerwise_query_stats"):
+    key = hashlib.sha256(source.read_bytes())
+    key.update(f"{torch.__version__}|{sys.version}|{platform.machine()}|{cflags}".encode())
     digest = key.hexdigest()[:16]
-    return f"sam2_layerwise_query_stats_{digest}", ext_cache() / digest
+    return f"{stem}_{digest}", ext_cache() / digest
 
 
 def _import(name: str, so: Path):
@@ -91,8 +91,9 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
-def _build():
-    name, where = _build_dir()
+def _build(source: Path = SOURCE, cflags: list[str] = CFLAGS, stem: str = "sam2_layerwise_query_stats",
+           what: str = "the statistics kernel"):
+    name, where = _build_dir(source, cflags, stem)
     so = where / f"{name}.so"
     if so.is_file():  # built before: import it (cpp_extension.load would run ninja again to check)
         try:
@@ -100,14 +101,14 @@ def _build():
         except ImportError:
             pass  # a half-written or foreign file: build it again
     where.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the statistics kernel once (about a minute) into %s", where)
+    log.info("compiling %s once (about a minute) into %s", what, where)
     noise = io.StringIO()  # the compiler's output: shown only when the build fails
     try:
         with redirect_stdout(noise), redirect_stderr(noise), _ninja_on_path():
             from torch.utils import cpp_extension
 
-            return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where),
-                                      extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+            return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(where),
+                                      extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:
         detail = " ".join(noise.getvalue().split()[-40:])
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -190,3 +191,93 @@ def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     none = torch.empty((0, 2), dtype=torch.int64)
     ent, mx, top, _, out = module.query_stats(q, k, float(scale), int(topk), none, True, TILE_ELEMENTS, v)
     return out.view(*q.shape[:3], v.shape[-1]), (ent, mx, top)
+
+
+# -- torch's CPU flash attention with the statistics taken on the way (csrc/flash_stats.cpp) -----------------------
+FLASH_SOURCE = Path(__file__).with_name("csrc") / "flash_stats.cpp"
+# The vector width decides the order of torch's lane sums, so the kernel is built for the capability ATen runs
+# (its own CMake flags for those kernels) and without contraction beyond what torch's build does.
+CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+               "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+FLASH_CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
+# Probe shapes (G, heads, Nq, d, Nk): each query split (32 / 64 / 256 rows), key tails off the vector width,
+# several key blocks, a qkv-split layout; all must match torch's kernel bit for bit before the kernel is used.
+FLASH_PROBES = ((3, 2, 64, 56, 64), (2, 3, 196, 56, 196), (1, 2, 770, 24, 1100), (2, 4, 49, 16, 4099),
+                (1, 1, 200, 8, 7))
+_flash_state: dict[str, object] = {}
+
+
+def _flash_probe(module) -> str | None:
+    """None when `module` gives torch's own output (values and layout) on every probe; else what differed."""
+    from sam2_layerwise.capture.dispatch import ORIGINAL_SDPA
+
+    gen = torch.Generator().manual_seed(0)
+    for G, h, nq, d, nk in FLASH_PROBES:
+        if nq == nk:  # SAM 2's layout: q, k, v as strided views of one qkv projection
+            qkv = torch.randn(G, nq, 3, h, d, generator=gen) * 3
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        else:
+            q, k, v = (torch.randn(G, h, n, d, generator=gen) * 3 for n in (nq, nk, nk))
+        ref = ORIGINAL_SDPA(q, k, v)
+        out = module.flash_stats(q, k, v, -1.0, 5)[0]
+        if not torch.equal(out, ref) or out.stride() != ref.stride():
+            return f"differs from torch's kernel on q {list(q.shape)}, k {list(k.shape)}"
+    return None
+
+
+def flash_kernel():
+    """The compiled flash-attention-with-statistics module when it reproduces torch's CPU flash attention bit for
+    bit in this process (built for ATen's CPU capability, checked on `FLASH_PROBES` once), else None (said once in
+    the log: the statistics then take a second pass, `query_stats`). None too on the `torch` path."""
+    if mode() == "torch" or kernel() is None:
+        return None
+    with _lock:
+        if "module" not in _flash_state:
+            module, reason = None, None
+            try:
+                capability = torch.backends.cpu.get_cpu_capability()
+                flags = CAPABILITY_FLAGS.get(capability)
+                if flags is None:
+                    raise KernelUnavailable(f"CPU capability {capability} is not one it is built for")
+                module = _build(FLASH_SOURCE, FLASH_CFLAGS + flags, "sam2_layerwise_flash_stats",
+                                "the flash attention statistics kernel")
+                reason = _flash_probe(module)
+            except Exception as exc:
+                reason = str(exc)[:2000] or type(exc).__name__
+            if reason is not None:
+                module = None
+                log.info("statistics of float attention take a second pass over the scores (%s)",
+                         reason.splitlines()[0][:300])
+            _flash_state["module"], _flash_state["reason"] = module, reason
+        return _flash_state["module"]
+
+
+def flash_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, topk: int):
+    """torch's fused CPU attention output for q, k, v [G, h, N, d] (fp32), bit for bit, and the statistics
+    (entropy, max_prob, topk_mass) [G, h, Nq] of every query from the same tiles. Callers check `flash_usable`."""
+    note_taken("compiled")
+    out, ent, mx, top = flash_kernel().flash_stats(q, k, v, -1.0 if scale is None else float(scale), int(topk))
+    return out, (ent, mx, top)
+
+
+def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch would run this call through its CPU flash kernel the way `flash_stats` repeats it: fp32 CPU
+    tensors with no grad, no autocast, full-precision float32 products (no oneDNN reduced-precision path), and
+    torch's own backend choice being flash attention."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in (q, k, v)):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee"):
+        return False
+    module = flash_kernel()
+    if module is None or not module.usable(q, k, v):
+        return False
+    from torch.nn.attention import SDPBackend
+
+    return torch._fused_sdp_choice(q, k, v) == int(SDPBackend.FLASH_ATTENTION.value)

@@ -1,0 +1,162 @@
+"""Float attention with the statistics on the way (`csrc/flash_stats.cpp`): torch's CPU flash attention output bit
+for bit, in values and in layout, and the same statistics as the second-pass kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sam2_layerwise.capture import dispatch, native
+from sam2_layerwise.capture.attention import query_statistics
+
+
+@pytest.fixture(scope="module")
+def flash():
+    if native.kernel() is None:
+        pytest.skip("no compiled kernels on this machine (the torch path serves)")
+    module = native.flash_kernel()
+    assert module is not None, native._flash_state.get("reason")  # built and probed wherever the compiler works
+    return module
+
+
+def _qkv(G, h, nq, d, nk, layout, gen):
+    if layout == "qkv":  # SAM 2's attention: strided views of one projection
+        qkv = torch.randn(G, nq, 3, h, d, generator=gen) * 2
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    if layout == "bnhd":
+        return tuple(torch.randn(G, n, h, d, generator=gen).transpose(1, 2) for n in (nq, nk, nk))
+    return tuple(torch.randn(G, h, n, d, generator=gen) * 2 for n in (nq, nk, nk))
+
+
+# (G, heads, Nq, d, Nk): Hiera windows and global blocks, the decoder's token/image attention, query splits of
+# 32 / 64 / 256 rows and their tails, key blocks of 512 and tails off the vector width, a single key
+SHAPES = [(64, 2, 64, 56, 64), (25, 8, 196, 56, 196), (1, 8, 1024, 56, 1024), (1, 8, 8, 16, 4096),
+          (1, 8, 4096, 16, 8), (3, 2, 770, 33, 1025), (1, 2, 191, 64, 511), (2, 3, 192, 24, 513),
+          (1, 1, 1, 7, 49), (1, 1, 300, 8, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["qkv", "dense", "bnhd"])
+def test_output_is_torchs_to_the_bit(flash, shape, layout):
+    G, h, nq, d, nk = shape
+    if layout == "qkv" and nq != nk:
+        layout = "dense"
+    q, k, v = _qkv(*shape, layout, torch.Generator().manual_seed(sum(shape)))
+    ref = dispatch.ORIGINAL_SDPA(q, k, v)
+    out, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=5)
+    assert view.stats is not None  # it took the flash path
+    assert torch.equal(out, ref) and out.stride() == ref.stride()
+    scaled = dispatch.flash_stats_kernel(q, k, v, 0.3, stats_topk=5)[0]
+    assert torch.equal(scaled, dispatch.ORIGINAL_SDPA(q, k, v, scale=0.3))
+
+
+@pytest.mark.parametrize("topk", [0, 1, 5, 9, 40])
+@pytest.mark.parametrize("shape", [(8, 2, 64, 16, 64), (1, 4, 300, 16, 1100), (2, 2, 16, 8, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_statistics_equal_the_second_pass(flash, shape, topk):
+    q, k, v = _qkv(*shape, "dense", torch.Generator().manual_seed(7))
+    q = q * 3  # peaked rows: large maxima move between key blocks
+    _, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=topk)
+    ref = query_statistics(q, k, q.shape[-1] ** -0.5, None, topk)
+    for name in ("entropy", "entropy_norm", "max_prob", "topk_mass"):
+        np.testing.assert_allclose(view.stats[name].numpy(), ref[name].numpy(), rtol=2e-5, atol=2e-6, err_msg=name)
+    if topk >= shape[-1]:  # every key: all the mass
+        np.testing.assert_allclose(view.stats["topk_mass"].numpy(), 1.0, rtol=1e-5)
+
+
+def test_statistics_on_hand_made_rows(flash):
+    """Two keys with scores 0 and log 3 (p = 1/4, 3/4): entropy, max and top-1 mass by hand."""
+    d = 4
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 2, d)
+    k[0, 0, 1, 0] = float(np.log(3.0)) * d ** 0.5  # scaled score log 3
+    v = torch.randn(1, 1, 2, d)
+    out, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=1)
+    p = np.array([0.25, 0.75])
+    assert view.stats["entropy"].item() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-5)
+    assert view.stats["max_prob"].item() == pytest.approx(0.75, rel=1e-5)
+    assert view.stats["topk_mass"].item() == pytest.approx(0.75, rel=1e-5)
+    assert torch.equal(out, dispatch.ORIGINAL_SDPA(q, k, v))
+
+
+def test_declines_what_torch_would_not_run_through_flash(flash, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(2, 2, 32, 16, 32, "dense", gen)
+    assert native.flash_usable(q, k, v)
+    assert not native.flash_usable(q.double(), k.double(), v.double())
+    assert not native.flash_usable(q[..., ::2], k[..., ::2], v[..., ::2])  # strided last dimension
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.flash_usable(q, k, v)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # oneDNN may take reduced-precision products
+        assert not native.flash_usable(q, k, v)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    # declined calls still give torch's output, with the statistics left to the observers
+    out, view = dispatch.flash_stats_kernel(q.double(), k.double(), v.double(), None, stats_topk=5)
+    assert view.stats is None and torch.equal(out, dispatch.ORIGINAL_SDPA(q.double(), k.double(), v.double()))
+    # a kernel that would not reproduce torch is never used: the probe turns it down
+    monkeypatch.setattr(native, "FLASH_PROBES", ((1, 1, 3, 4, 5),))
+
+    class Off:
+        @staticmethod
+        def flash_stats(q, k, v, scale, topk):
+            out = dispatch.ORIGINAL_SDPA(q, k, v)
+            return out + 1e-7 * out.abs().max(), None, None, None
+
+    assert native._flash_probe(Off) is not None
+    assert native._flash_probe(flash) is None
+
+
+def test_capture_takes_the_flash_path_and_changes_nothing(flash, tiny_model, chelsea, monkeypatch):
+    """A capture with all-query statistics runs float attention through the flash kernel: the masks and logits stay
+    plain SAM 2's to the bit, and every layer's per-head statistics equal those of the second pass."""
+    from sam2_layerwise import parse_prompts, run_plain
+    from sam2_layerwise.api import capture_image
+    from sam2_layerwise.capture import CaptureOptions
+
+    prompts = parse_prompts([220, 150, 1], [40, 30, 300, 260], None, chelsea.shape[1], chelsea.shape[0])
+    plain = run_plain(tiny_model, chelsea, prompts)
+    calls = []
+    real = native.flash_stats
+    monkeypatch.setattr(native, "flash_stats", lambda *a: calls.append(1) or real(*a))
+    cap = capture_image(tiny_model, chelsea, prompts, CaptureOptions(max_attn_queries=3))
+    assert len(calls) == len(cap.attention)  # every attention call of the tiny model is a flash one
+    for name in ("masks", "low_res_logits", "iou_predictions"):
+        assert np.array_equal(getattr(cap.prediction, name), getattr(plain, name)), name
+    monkeypatch.setattr(native, "flash_usable", lambda q, k, v: False)
+    second = capture_image(tiny_model, chelsea, prompts, CaptureOptions(max_attn_queries=3))
+    assert len(calls) == len(cap.attention)  # not called again
+    for a, b in zip(cap.attention, second.attention):
+        assert a.selected_stats == b.selected_stats and torch.equal(a.probs, b.probs)
+        for stat, values in a.query_stats.items():
+            np.testing.assert_allclose(values.numpy(), b.query_stats[stat].numpy(), rtol=2e-5, atol=2e-6,
+                                       err_msg=f"{a.layer_key} {stat}")
+
+
+EDITS = {  # [G, N, 3 (q/k/v), heads, d] -> a non-finite value where a broken checkpoint would put it
+    "nan q channel": lambda t: t[..., 0, 0, 0].fill_(float("nan")),
+    "nan k token": lambda t: t[0, 3, 1, 0, 2].fill_(float("nan")),
+    "nan k last token": lambda t: t[0, -1, 1, 0, 2].fill_(float("nan")),
+    "inf q": lambda t: t[0, 3, 0, 0, 2].fill_(float("inf")),
+    "-inf k token": lambda t: t[0, 3, 1, 0, :].fill_(float("-inf")),
+    "inf v": lambda t: t[0, 3, 2, 0, 2].fill_(float("inf")),
+    "nan v": lambda t: t[0, -1, 2, 0, 2].fill_(float("nan")),
+}
+
+
+@pytest.mark.parametrize("nk", [64, 71, 1100])
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_non_finite_values_come_out_where_torchs_do(flash, edit, nk):
+    """NaN/inf in q, k or v give NaN/inf in the same output elements as torch's kernel (the capture's non-finite
+    check reads the output first)."""
+    qkv = torch.randn(4, nk, 3, 2, 16, generator=torch.Generator().manual_seed(0))
+    EDITS[edit](qkv)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    ref = dispatch.ORIGINAL_SDPA(q, k, v)
+    out, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=5)
+    assert view.stats is not None
+    assert torch.equal(out.nan_to_num(7.0, 8.0, 9.0), ref.nan_to_num(7.0, 8.0, 9.0))
