@@ -39,6 +39,10 @@ class KernelView:
     tiled: bool = False
     stats: dict | None = None  # per-query statistics [G, heads, Nq] the kernel took from its own tiles, if asked
     fast: bool = False  # computed by FastKernel (`--fast-attention`), not torch's fused kernel
+    # rows an explicitly tiled kernel kept from its own tiles for the (group, query) pairs `rows_for` (asked for by
+    # an observer's `picks`): probs [n, heads, Nk] fp32 and out = probs @ v [n, heads, d_v] fp32
+    rows: tuple | None = None
+    rows_for: list | None = None
 
 
 class AttentionKernel(Protocol):
@@ -133,10 +137,14 @@ def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     # An explicitly tiled kernel (quantized attention) can hand observers the per-query statistics of every
     # query from the probabilities it computes anyway, instead of their computing the scores a second time.
     topk = next((o.stats_topk for o in frame.observers if getattr(o, "stats_topk", None) is not None), None)
+    extra = {}
     if topk is not None and getattr(kernel, "tile_statistics", False):
-        out, view = kernel(query, key, value, scale, stats_topk=topk)
-    else:
-        out, view = kernel(query, key, value, scale)
+        extra["stats_topk"] = topk
+    if getattr(kernel, "keeps_rows", False):  # the selected rows from the kernel's tiles, not computed again
+        picks = next((o.picks for o in frame.observers if getattr(o, "picks", None) is not None), None)
+        if picks is not None:
+            extra["keep_rows"] = picks(query.shape, key.shape)
+    out, view = kernel(query, key, value, scale, **extra)
     for observe in frame.observers:
         observe(view, out)
     return out

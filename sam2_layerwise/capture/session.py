@@ -269,6 +269,9 @@ class CaptureSession:
                 self._observe(name, module, kind, view, out)
         # asks a tiled kernel for the statistics of every query from its own tiles (`view.stats`)
         observe.stats_topk = self.options.stats_topk if self.options.all_queries_for(kind) else None
+        # and for the selected rows (`view.rows`): the same (group, query) pairs `_observe` will select
+        observe.picks = lambda q_shape, k_shape: [
+            (s.group, s.index) for s in self._geometry_and_queries(name, kind, q_shape, k_shape)[1]]
         return observe
 
     def _note_nonfinite(self, name: str, call_index: int, tensor: str) -> None:
@@ -299,8 +302,11 @@ class CaptureSession:
         picks = [(s.group, s.index) for s in queries]
         # memory attention: one row at a time on views of k/v (its keys reach 28,736 x 256 per map; gathering them
         # per selected query would copy k and v once per query)
-        probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled,
-                                         by_row=kind.startswith("memory"))
+        if view.rows is not None and view.rows_for == picks:  # kept by a tiled kernel from the tiles it computed
+            probs, rows_out = view.rows
+        else:
+            probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled,
+                                             by_row=kind.startswith("memory"))
         kernel_err = 0.0
         if picks:
             g = torch.tensor([p[0] for p in picks], device=q.device)

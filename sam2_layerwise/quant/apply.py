@@ -237,7 +237,13 @@ class QuantKernel:
         """Whether `stats_topk` can be asked for: per-query statistics from the tiles this kernel computes."""
         return self.tiled
 
-    def __call__(self, q, k, v, scale, stats_topk: int | None = None):
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether `keep_rows` can be asked for: the probabilities and outputs of chosen query rows, taken from the
+        tiles this kernel computes (what `capture.attention.attention_rows` would compute again)."""
+        return self.tiled
+
+    def __call__(self, q, k, v, scale, stats_topk: int | None = None, keep_rows: list | None = None):
         s = scale if scale is not None else q.shape[-1] ** -0.5
         q = self.q(q) if self.q is not None else q  # [G, h, Nq, d]
         k = self.k(k) if self.k is not None else k  # [G, h, Nk, d]
@@ -247,10 +253,11 @@ class QuantKernel:
         G, h, nq, _ = q.shape
         out = q.new_empty((G, h, nq, v.shape[-1]))  # [G, h, Nq, d_v]
         stats = None
+        kept = {}  # pick -> (probs [h, Nk], out [h, d_v]) from its tile
         for tile in row_tiles(G, h, nq, k.shape[-2]):
             g0, g1, r0, r1 = tile
             if stats_topk is None:
-                _, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
+                p, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
             else:
                 p, o, scores = attention_tile(q, k, v, s, self.probs, tile, with_scores=True)
                 found = tile_statistics(scores, p, self.probs is not None, stats_topk)
@@ -258,9 +265,15 @@ class QuantKernel:
                     stats = {name: torch.empty((G, h, nq), dtype=torch.float32, device=q.device) for name in found}
                 for name, values in found.items():
                     stats[name][g0:g1, :, r0:r1] = values
+            for g, i in keep_rows or ():
+                if g0 <= g < g1 and r0 <= i < r1:
+                    kept[g, i] = (p[g - g0, :, i - r0].clone(), o[g - g0, :, i - r0].clone())
             out[g0:g1, :, r0:r1] = o.to(out.dtype)
+        rows = None
+        if keep_rows and len(kept) == len(set(keep_rows)):
+            rows = (torch.stack([kept[g, i][0] for g, i in keep_rows]), torch.stack([kept[g, i][1] for g, i in keep_rows]))
         return out, dispatch.KernelView(q, k, v, s, self.probs.quiet if self.probs is not None else None, tiled=True,
-                                        stats=stats)
+                                        stats=stats, rows=rows, rows_for=list(keep_rows) if rows is not None else None)
 
 
 def _output_projection(module: nn.Module) -> str:

@@ -193,3 +193,24 @@ def test_calibration_covers_the_mask_path_and_names_what_saw_nothing(qmodel, che
     assert all(fq.scale is not None for fq in qm.quantizers.values())
     with pytest.raises(ModelError, match=r"3 quantizers saw no calibration data: sam_prompt_encoder.mask_downscaling.0:input"):
         calibrate_model(qmodel, cfg, [])
+
+
+def test_selected_rows_come_from_the_kernels_tiles(qmodel, mixed_cfg, chelsea, coffee, prompts, monkeypatch):
+    """A tiled quantized kernel hands the capture the selected rows from the tiles it computed (no second
+    computation), and they are the rows `attention_rows` computes again, bit for bit."""
+    from sam2_layerwise.capture import session
+    from sam2_layerwise.quant.apply import QuantKernel
+
+    recomputed = []
+    real = session.attention_rows
+    monkeypatch.setattr(session, "attention_rows", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    kept = _run(qmodel, mixed_cfg, [chelsea, coffee], chelsea, prompts)
+    assert not recomputed  # every attention module of the mixed config is tiled
+    monkeypatch.setattr(QuantKernel, "keeps_rows", property(lambda self: False))
+    again = _run(qmodel, mixed_cfg, [chelsea, coffee], chelsea, prompts)
+    assert len(recomputed) == len(again.cap.attention)
+    for a, b in zip(kept.cap.attention, again.cap.attention):
+        assert [(s.group, s.index) for s in a.queries] == [(s.group, s.index) for s in b.queries]
+        assert torch.equal(a.probs, b.probs), a.layer_key
+        assert a.kernel_max_abs_err == b.kernel_max_abs_err == 0.0 and a.module_max_abs_err == b.module_max_abs_err
+    assert np.array_equal(kept.cap.prediction.masks, again.cap.prediction.masks)

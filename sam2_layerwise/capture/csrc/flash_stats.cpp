@@ -79,13 +79,40 @@ struct TopK {
     }
 };
 
+// A whole row's k largest values (when all its keys are in one block: short rows), in k rounds over the row: the
+// largest value below the last one taken, then how many keys hold it. A few vector passes over a row in L1
+// instead of a list kept up to date key by key (whose set-up dominates rows of 16 to 196 keys). `top` is empty.
+inline void topk_rounds(const float* row, int64_t n, TopK& top) {
+    const int64_t W = Vec::size();
+    const int64_t nv = W * (n / W);
+    float below = std::numeric_limits<float>::infinity();
+    while (top.count < top.k) {
+        const Vec vbelow(below);
+        Vec vm(NEG_INF);
+        for (int64_t i = 0; i < nv; i += W) {
+            const Vec x = Vec::loadu(row + i);
+            vm = at::vec::maximum(vm, Vec::blendv(Vec(NEG_INF), x, x < vbelow));
+        }
+        float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+        for (int64_t i = nv; i < n; i++) m = row[i] < below && row[i] > m ? row[i] : m;
+        if (!(m > NEG_INF)) break;  // fewer than k values (or NaN scores: the row's statistics are NaN anyway)
+        int64_t same = 0;
+        const Vec vm1(m);
+        for (int64_t i = 0; i < nv; i += W) same += __builtin_popcount(~(Vec::loadu(row + i) == vm1).zero_mask() &
+                                                                     static_cast<int>((1LL << W) - 1));
+        for (int64_t i = nv; i < n; i++) same += row[i] == m;
+        for (; same > 0 && top.count < top.k; same--) top.best[top.count++] = m;
+        below = m;
+    }
+}
+
 // row[i] *= scale; returns the max over the row (vector lanes, then the tail, as the fused kernel orders them);
 // the scaled values are also offered to `top` (k > 0)
-inline float scale_and_max(float* row, float scale, int64_t n, TopK& top) {
+inline float scale_and_max(float* row, float scale, int64_t n, TopK& top, bool stream) {
     const int64_t W = Vec::size();
     const int full = static_cast<int>((1LL << W) - 1);
     const Vec vscale(scale);
-    const bool want = top.k > 0;
+    const bool want = top.k > 0 && stream;
     Vec vbar(want ? top.bar() : std::numeric_limits<float>::infinity());
     float tail_max = NEG_INF;
     Vec vmax(NEG_INF);
@@ -210,6 +237,7 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
         float* dst_data = qk_sum_data + qSplitSize;
         std::vector<double> zs(qSplitSize), ws(qSplitSize);
         const int64_t per_row = std::max<int64_t>(kk, 1);
+        const bool rounds = kk > 0 && kk <= 16 && kvSize <= kvSplitSize;  // short rows: one block, top-k in rounds
         std::vector<float> best(per_row * qSplitSize);
         std::vector<int64_t> counts(qSplitSize);
 
@@ -232,7 +260,8 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
                 for (int64_t row = 0; row < qBlockSize; ++row) {
                     float* r = qk_data + row * kvBlockSize;
                     TopK top{best.data() + row * per_row, counts[row], kk};
-                    float tmp_max = scale_and_max(r, scaling_factor, kvBlockSize, top);
+                    float tmp_max = scale_and_max(r, scaling_factor, kvBlockSize, top, !rounds);
+                    if (rounds) topk_rounds(r, kvBlockSize, top);
                     counts[row] = top.count;
                     const float old_max = qk_max_data[row];
                     tmp_max = old_max > tmp_max ? old_max : tmp_max;
