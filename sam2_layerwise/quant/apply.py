@@ -27,7 +27,7 @@ from sam2_layerwise.capture.attention import attention_tile, row_tiles, tile_sta
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
 from sam2_layerwise.quant.quantizers import (QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats,
-                                             quantization_error)
+                                             _fake_quant_compiled, quantization_error)
 
 # Layer class -> (default weight channel axis, input channel axis).
 LAYER_TYPES = {"Linear": (0, -1), "Conv2d": (0, 1), "ConvTranspose2d": (1, 1)}
@@ -169,6 +169,22 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> tuple[dict[str, Site], list[str
     return sites, floats
 
 
+def weight_key(w: torch.Tensor, fq: FakeQuantizer) -> tuple:
+    """What a weight's quantization error depends on: the weight's and the scale's storage and versions, the bits."""
+    return (w.data_ptr(), w._version, w.device, w.dtype, fq.scale.data_ptr(), fq.scale._version, fq.bits)
+
+
+def quantized_with_error(fq: FakeQuantizer, w: torch.Tensor):
+    """(fq applied to w quietly, the error it makes as `quantization_error` measures it, or None) in one read where
+    the compiled uniform kernel applies; otherwise (fq.quiet(w), None)."""
+    if fq.spec.kind == "uniform" and fq.scale is not None:
+        stats = QuantStats()
+        found = _fake_quant_compiled(w, fq.scale, fq.zero_point, *fq.qrange, fq.axis, stats)
+        if found is not None:
+            return found, stats
+    return fq.quiet(w), None
+
+
 class _LayerQuant:
     """Hooks of one layer: input fake-quantized, weight swapped for its fake-quantized copy during forward."""
 
@@ -176,6 +192,7 @@ class _LayerQuant:
         self.module, self.weight_q, self.input_q = module, weight_q, input_q
         self.float_weight = module.weight
         self.q_weight = None
+        self.weight_error = None  # (weight_key, error dict) of the float weight the fake-quantized copy came from
         self.refresh()
         self.handles = [module.register_forward_pre_hook(self.pre),
                         module.register_forward_hook(self.post, always_call=True)]
@@ -192,7 +209,11 @@ class _LayerQuant:
                 fq.to(device)
         if self.weight_q is not None:
             with torch.no_grad():
-                self.q_weight = nn.Parameter(self.weight_q.quiet(self.float_weight.detach()), requires_grad=False)
+                w = self.float_weight.detach()
+                q, stats = quantized_with_error(self.weight_q, w)
+                self.q_weight = nn.Parameter(q, requires_grad=False)
+                # the weight's quantization error, from the same read (what the summary reports per weight)
+                self.weight_error = (weight_key(w, self.weight_q), stats.to_dict()) if stats is not None else None
 
     def pre(self, module, args):
         if self.q_weight is not None:
@@ -417,8 +438,10 @@ class QuantizedModel:
         if site.role == "weight":
             lq = self._layers.get(site.module)
             w = (lq.float_weight if lq is not None else self._modules[site.module].weight).detach()
-            key = (w.data_ptr(), w._version, w.device, w.dtype, fq.scale.data_ptr(), fq.scale._version, fq.bits)
+            key = weight_key(w, fq)
             cached = self._weight_error.get(qid)
+            if (cached is None or cached[0] != key) and lq is not None and lq.weight_q is fq and lq.weight_error:
+                cached = self._weight_error[qid] = lq.weight_error  # taken with the fake-quantized copy
             if cached is None or cached[0] != key:  # computed once per weight and scale, not per report
                 cached = self._weight_error[qid] = (key, quantization_error(fq, w).to_dict())
             entry["error"] = {**cached[1], "on": "the weights"}

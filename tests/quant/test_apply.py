@@ -214,3 +214,26 @@ def test_selected_rows_come_from_the_kernels_tiles(qmodel, mixed_cfg, chelsea, c
         assert torch.equal(a.probs, b.probs), a.layer_key
         assert a.kernel_max_abs_err == b.kernel_max_abs_err == 0.0 and a.module_max_abs_err == b.module_max_abs_err
     assert np.array_equal(kept.cap.prediction.masks, again.cap.prediction.masks)
+
+
+def test_weight_errors_come_from_the_install_read(qmodel, w8a8_cfg, chelsea, coffee, monkeypatch):
+    """The summary's per-weight error is taken while the fake-quantized weight is computed (one read), and equals
+    `quantization_error` on the float weight."""
+    from sam2_layerwise.quant import apply
+    from sam2_layerwise.quant.quantizers import quantization_error
+
+    qm = calibrate_model(qmodel, w8a8_cfg, [chelsea, coffee])
+    try:
+        calls = []
+        real = apply.quantization_error
+        monkeypatch.setattr(apply, "quantization_error", lambda *a: calls.append(1) or real(*a))
+        weights = [qid for qid, site in qm.sites.items() if site.role == "weight"]
+        assert weights
+        for qid in weights:
+            site, fq = qm.sites[qid], qm.quantizers[qid]
+            got = qm.site_report(qid)["error"]
+            expected = quantization_error(fq, qm._layers[site.module].float_weight.detach()).to_dict()
+            assert {k: v for k, v in got.items() if k != "on"} == expected, qid
+        assert not calls  # none computed again
+    finally:
+        qm.remove()
