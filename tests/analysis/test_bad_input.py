@@ -271,3 +271,67 @@ def test_a_new_compare_drops_every_old_analysis_and_keeps_the_users_files(run_co
     assert not (run_copy / "analysis_decoder").exists()
     assert (run_copy / "notes" / "metrics.json").read_text() == '{"schema": "mine"}'
     assert (run_copy / "NOTES.md").read_text() == "mine"
+
+
+def test_failure_writing_the_quantized_half_as_it_is_captured(tmp_path, tiny_checkpoint, quant_checkpoints,
+                                                              compare_runs, monkeypatch, capsys):
+    """The quantized half's tensors are written by the background thread as each record is captured: a full disk
+    on one of them fails the compare, the previous run stays byte-identical and no staging folder is left."""
+    import threading
+
+    from sam2_layerwise.store import image_run
+
+    run = tmp_path / "run"
+    shutil.copytree(compare_runs["w8a8", "raw"], run)
+    before = snapshot(run)
+    real = image_run.write_attention_tensors
+    seen = []
+
+    def disk_full(writer, record, opts):
+        if "quantized" in str(writer.path("predictions.pt")):
+            seen.append(threading.current_thread().name)
+            if len(seen) == 3:
+                raise OSError(28, "No space left on device")
+        return real(writer, record, opts)
+
+    monkeypatch.setattr(image_run, "write_attention_tensors", disk_full)
+    assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], run)) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert len(seen) >= 3 and all(name.startswith("compare-write") for name in seen)
+
+
+def test_streamed_quantized_half_equals_one_written_after_the_capture(tmp_path, tiny_checkpoint, quant_checkpoints,
+                                                                      monkeypatch):
+    """Writing the quantized half as it is captured changes nothing in the run: the same files, tensors and
+    summary (compare.errors in capture order) as writing it all after the capture."""
+    import torch
+
+    from sam2_layerwise.analysis import pair
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    streamed, after = tmp_path / "streamed", tmp_path / "after"
+    for mode in (["--save-raw"], ["--save-full-attn"]):
+        args = [a for a in compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], streamed) if a != "--save-raw"]
+        assert main(args + mode) == 0
+        with monkeypatch.context() as m:
+            m.setattr(pair, "StreamedHalf", lambda *a: None)
+            assert main([a if a != str(streamed) else str(after) for a in args] + mode) == 0
+        files = sorted(p.relative_to(streamed).as_posix() for p in (streamed / "quantized").rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(after).as_posix() for p in (after / "quantized").rglob("*") if p.is_file())
+        for rel in files:
+            if rel.endswith(".pt"):
+                assert same(torch.load(streamed / rel, weights_only=True), torch.load(after / rel, weights_only=True)), rel
+        sa = json.loads((streamed / "quantized" / "layerwise_summary.json").read_text())
+        sb = json.loads((after / "quantized" / "layerwise_summary.json").read_text())
+        assert list(sa["compare"]["errors"]) == list(sb["compare"]["errors"])
+        assert sa["compare"] == sb["compare"] and sa["attention"] == sb["attention"]
