@@ -88,13 +88,14 @@ def _selection(cap) -> list:
     return [(r.layer_key, r.call_index, [(q.label, q.group, q.index) for q in r.queries]) for r in cap.attention]
 
 
-def _attach_probs_quantizer(rec, qm) -> None:
-    """Full mode: a quantized record's probability quantizer travels with its q/k/v."""
+def _attach_probs_quantizers(cap, qm) -> None:
+    """Full mode: each quantized record's probability quantizer travels with its q/k/v."""
     from sam2_layerwise.quant.apply import site_id
 
-    if rec.full_qkv is not None:
+    for rec in cap.attention:
         fq = qm.quantizers.get(site_id(rec.name, "probs"))
-        rec.full_qkv["probs_quantizer"] = fq.to_payload() if fq is not None else None
+        if rec.full_qkv is not None:
+            rec.full_qkv["probs_quantizer"] = fq.to_payload() if fq is not None else None
 
 
 def _kept(cap) -> dict:
@@ -106,59 +107,30 @@ def _kept(cap) -> dict:
 def selected_errors(kept: dict, cap) -> dict:
     """Per quantized call (by file stem): relative error ||Q - FP|| / ||FP|| per head of q, k, v over the groups
     holding the selected queries, and of the attention output probs @ v over the selected rows."""
-    return {rec.file_stem: err for rec in cap.attention if (err := selected_error(kept, rec)) is not None}
-
-
-def selected_error(kept: dict, rec) -> dict | None:
-    """`selected_errors` of one quantized record (None where the float half kept nothing comparable)."""
     from sam2_layerwise.metrics import relative_error
 
-    fp_probs, fp_qkv, groups = kept[rec.layer_key, rec.call_index]
-    if fp_qkv is None or rec.qkv is None or fp_qkv["q"].shape != rec.qkv["q"].shape:
-        return None
-    errs = {f"{n}_rel_err": relative_error(fp_qkv[n].float(), rec.qkv[n].float(), (0, 2, 3)).tolist()
-            for n in ("q", "k", "v")}
-    if groups:
-        gi = [fp_qkv["groups"].index(g) for g in groups]
-        of = torch.einsum("nhk,nhkd->nhd", fp_probs, fp_qkv["v"].float()[gi])  # [n, heads, d_v]
-        oq = torch.einsum("nhk,nhkd->nhd", rec.probs, rec.qkv["v"].float()[gi])
-        errs["out_rel_err"] = relative_error(of, oq, (0, 2)).tolist()
-    return {**errs, "over": "q/k/v: the groups holding the selected queries; out: the selected rows"}
+    out = {}
+    for rec in cap.attention:
+        fp_probs, fp_qkv, groups = kept[rec.layer_key, rec.call_index]
+        if fp_qkv is None or rec.qkv is None or fp_qkv["q"].shape != rec.qkv["q"].shape:
+            continue
+        errs = {f"{n}_rel_err": relative_error(fp_qkv[n].float(), rec.qkv[n].float(), (0, 2, 3)).tolist()
+                for n in ("q", "k", "v")}
+        if groups:
+            gi = [fp_qkv["groups"].index(g) for g in groups]
+            of = torch.einsum("nhk,nhkd->nhd", fp_probs, fp_qkv["v"].float()[gi])  # [n, heads, d_v]
+            oq = torch.einsum("nhk,nhkd->nhd", rec.probs, rec.qkv["v"].float()[gi])
+            errs["out_rel_err"] = relative_error(of, oq, (0, 2)).tolist()
+        out[rec.file_stem] = {**errs, "over": "q/k/v: the groups holding the selected queries; out: the selected rows"}
+    return out
 
 
-def _drop_whole_grid_qkv(rec, full: bool) -> None:
+def _drop_whole_grid_qkv(cap, full: bool) -> None:
     """Saved q/k/v: none in full mode (the full tensors hold them); in light mode only windows (a few KiB each),
     not the whole grid of global blocks and the decoder (tens of MiB), which the errors above already measured."""
-    if full or (rec.qkv is not None and rec.q_shape[0] == 1):
-        rec.qkv = None
-
-
-class StreamedHalf:
-    """The quantized half's attention tensors, measured against the float half and written by a background thread
-    as each record is captured (while the model goes on running), instead of all of them after the capture.
-    Call the instance with each new record (a capture's `on_record`); `finish()` waits for the writing (raising
-    its error, if any) and returns `compare.errors`."""
-
-    def __init__(self, pool, writer, opts, kept: dict, qm, full: bool):
-        self.pool, self.writer, self.opts, self.kept, self.qm, self.full = pool, writer, opts, kept, qm, full
-        self.jobs = []
-
-    def __call__(self, rec) -> None:
-        self.jobs.append(self.pool.submit(self._write, rec))
-
-    def _write(self, rec):
-        from sam2_layerwise.store.image_run import write_attention_tensors
-
-        err = selected_error(self.kept, rec)
-        _attach_probs_quantizer(rec, self.qm)
-        _drop_whole_grid_qkv(rec, self.full)
-        write_attention_tensors(self.writer, rec, self.opts)
-        return rec.file_stem, err
-
-    def finish(self) -> dict:
-        """`compare.errors`, in capture order (as `selected_errors` gives them)."""
-        done = [job.result() for job in self.jobs]
-        return {stem: err for stem, err in done if err is not None}
+    for rec in cap.attention:
+        if full or (rec.qkv is not None and rec.q_shape[0] == 1):
+            rec.qkv = None
 
 
 def output_options(full: bool, full_dtype: str = "fp32"):
@@ -192,30 +164,23 @@ def model_entry(loaded, qm, cap, hashes: dict | None = None, sha=None) -> dict:
 
 def write_half(writer, name: str, cap, image: np.ndarray, *, model_info: dict, image_info: dict, out_opts,
                command: list[str], mode: str, full: bool, qm=None, kept: dict | None = None,
-               extra: dict | None = None, progress: bool = True, streamed: StreamedHalf | None = None) -> None:
+               extra: dict | None = None, progress: bool = True) -> None:
     """One half (`original/` or `quantized/`) of a compare run, in visualize's layout. For the quantized half
     (`qm` given) the summary also gets the quantizers' report and `compare.errors` measured against `kept`
     (the original half's `_kept`). `progress`: whether its tensors get a progress bar (not when written in
-    the background, under another bar). `streamed`: the half's tensors were written as they were captured."""
+    the background, under another bar)."""
     from sam2_layerwise.cli.quantize import annotate_capture
     from sam2_layerwise.store.image_run import write_image_run
 
     summary_extra = {"compare": {"half": name, "mode": mode}}
     if qm is not None:
         summary_extra.update(annotate_capture(cap, qm))
-        if streamed is not None:
-            summary_extra["compare"]["errors"] = streamed.finish()
-        else:
-            for rec in cap.attention:
-                _attach_probs_quantizer(rec, qm)
-            summary_extra["compare"]["errors"] = selected_errors(kept, cap)
+        _attach_probs_quantizers(cap, qm)
+        summary_extra["compare"]["errors"] = selected_errors(kept, cap)
     summary_extra.update(extra or {})
-    if streamed is None:
-        for rec in cap.attention:
-            _drop_whole_grid_qkv(rec, full)
+    _drop_whole_grid_qkv(cap, full)
     write_image_run(writer.sub(name), cap, image, model_info=model_info, image_info=image_info, opts=out_opts,
-                    command=command, extra_summary=summary_extra, progress=progress,
-                    tensors_written=streamed is not None)
+                    command=command, extra_summary=summary_extra, progress=progress)
 
 
 def compare_manifest(args, *, mode: str, models: dict, image_info: dict, prompts, calls: int, qcfg,
@@ -296,17 +261,11 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 from sam2_layerwise.analysis.attribute import ForwardCache
 
                 cache = ForwardCache(loaded.model)
-            # the last half's tensors are written as its records come (the first half's are written while the
-            # next model runs); not when --attribute runs the model again first
-            streamed = None
-            if spec is specs[-1] and qm is not None and selection is not None and not attribute:
-                streamed = StreamedHalf(background, writer.sub(spec.name), out_opts, kept, qm, full)
             with tqdm(total=len(chosen), desc=f"capturing {spec.name}", unit="attn",
                       disable=True if args.quiet else None) as bar, \
                     (qm.monitoring() if qm else contextlib.nullcontext()), (cache or contextlib.nullcontext()):
                 cap = capture_image(loaded.model, image, prompts, options, multimask=not args.single_mask,
-                                    precision=args.precision,
-                                    on_record=lambda r: (bar.update(1), streamed(r) if streamed else None))
+                                    precision=args.precision, on_record=lambda r: bar.update(1))
             if selection is None:
                 selection, kept = _selection(cap), _kept(cap)
             elif _selection(cap) != selection:
@@ -326,8 +285,7 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
                 pending = None
             job = functools.partial(write_half, writer, spec.name, cap, image, model_info=loaded.describe(),
                                     image_info=info, out_opts=out_opts, command=command, mode=mode, full=full,
-                                    qm=qm, kept=kept if qm is not None else None, progress=spec is specs[-1],
-                                    streamed=streamed)
+                                    qm=qm, kept=kept if qm is not None else None, progress=spec is specs[-1])
             if spec is specs[-1]:
                 job()
             else:  # written while the next model loads and runs (its files need nothing of the model)

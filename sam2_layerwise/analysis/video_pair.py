@@ -192,8 +192,7 @@ def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, a
             with torch.autocast(q_t.device.type if q_t is not None else "cpu", enabled=False):
                 errors.update(selected_errors(_kept(SimpleNamespace(attention=[fr])),
                                               SimpleNamespace(attention=[rec])))
-            for r in (rec, fr):
-                _drop_whole_grid_qkv(r, full)
+            _drop_whole_grid_qkv(SimpleNamespace(attention=[rec, fr]), full)
 
         def on_frame(fc) -> None:
             fc_fp = step["frame"]

@@ -87,10 +87,9 @@ def write_attention_tensors(writer: layout.RunWriter, record: AttentionRecord, o
 
 def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarray, *, model_info: dict,
                     image_info: dict, opts: OutputOptions, command: list[str] | None, extra_summary: dict | None = None,
-                    before_summary=None, progress: bool = True, tensors_written: bool = False) -> dict:
+                    before_summary=None, progress: bool = True) -> dict:
     """Write predictions, prediction images and attention tensors, call `before_summary(writer)` (renderers),
-    then the summary. Returns the summary dict. `progress`: a progress bar over the tensors. `tensors_written`:
-    the attention tensors are on disk already (`write_attention_tensors` per record, as they were captured)."""
+    then the summary. Returns the summary dict. `progress`: a progress bar over the tensors."""
     from sam2_layerwise import __version__
 
     pred = cap.prediction
@@ -113,8 +112,8 @@ def write_image_run(writer: layout.RunWriter, cap: ImageCapture, image: np.ndarr
                 encoded.append(encoder.submit(atomic_save_png, img, writer.path(rel), compress_level=1))
                 files["prediction_images"].append(rel)
         if opts.save_attn or opts.save_qkv:
-            for record in tqdm(() if tensors_written else cap.attention, desc="saving tensors", unit="layer",
-                               leave=False, disable=None if progress else True):
+            for record in tqdm(cap.attention, desc="saving tensors", unit="layer", leave=False,
+                               disable=None if progress else True):
                 write_attention_tensors(writer, record, opts)
             files["attn_tensors"] = f"{layout.ATTN_TENSORS}/"
         for done in encoded:
