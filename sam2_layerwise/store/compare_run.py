@@ -107,6 +107,29 @@ def _need(d: dict, key: str, typ, what: str, flag: str, run_dir: Path):
     return v
 
 
+def _count(value, positive: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= (1 if positive else 0)
+
+
+def _manifest_field_problem(m: dict) -> str | None:
+    """The manifest's descriptive fields, checked when present (runs of earlier versions may lack them): what is
+    wrong with the first that does not hold what compare writes, else None."""
+    halves = m.get("halves")
+    if halves is not None and (not isinstance(halves, dict)
+                               or any(halves.get(half) != f"{half}/" for half in HALVES)):
+        return f"a malformed 'halves' entry (compare writes {{'original': 'original/', 'quantized': 'quantized/'}})"
+    if "attention_calls" in m and not _count(m["attention_calls"]):
+        return f"a malformed 'attention_calls' {m['attention_calls']!r} (a count)"
+    full_dtype = m.get("full_dtype")
+    allowed = (None,) if m.get("mode") == "light" else ("float32", "float16")
+    if "full_dtype" in m and full_dtype not in allowed:
+        return f"a 'full_dtype' {full_dtype!r} that {m.get('mode')} mode does not write"
+    for key in ("width", "height"):
+        if key in m["image"] and not _count(m["image"][key], positive=True):
+            return f"a malformed image {key} {m['image'][key]!r}"
+    return None
+
+
 def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun:
     """Read and check a compare run: manifest schema and version, both halves present, same image and prompts."""
     from sam2_layerwise.store.summary import SCHEMA as SUMMARY_SCHEMA
@@ -136,6 +159,8 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
         raise InputError(f"{MANIFEST} lacks a valid 'models' entry for each half", flag=flag, value=str(run_dir))
     if m.get("quantization_config") is not None:
         _need(m, "quantization_config", dict, MANIFEST, flag, p)
+    if problem := _manifest_field_problem(m):
+        raise InputError(f"{MANIFEST} has {problem}", flag=flag, value=str(run_dir))
     summaries = {}
     for half in HALVES:
         s = _read_json(p / half / layout.SUMMARY, f"{half}/{layout.SUMMARY}", flag, p)
