@@ -22,6 +22,14 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def named_stats(entropy: torch.Tensor, max_prob: torch.Tensor, topk_mass: torch.Tensor, nk: int,
+                shape: tuple | None = None) -> dict:
+    """The four per-query statistics by name (`STAT_NAMES`), the normalised entropy being entropy / ln Nk;
+    viewed as `shape` when given (a kernel's flat [G * heads, Nq] as [G, heads, Nq])."""
+    stats = (entropy, entropy / (math.log(nk) if nk > 1 else 1.0), max_prob, topk_mass)
+    return {name: t if shape is None else t.view(shape) for name, t in zip(STAT_NAMES, stats)}
+
+
 def saved_scale(value) -> float | None:
     """An attention scale read back from a file (untrusted): the positive finite real number it is, else None
     (a string, a bool, a tensor of several elements, NaN, 0)."""
@@ -94,8 +102,7 @@ def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool
         ent = -torch.special.xlogy(probs, probs).sum(-1)
         mx = probs.amax(-1)
         top = topk_sum(probs, kk) if kk else torch.zeros_like(mx)
-    return {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0), "max_prob": mx,
-            "topk_mass": top}
+    return named_stats(ent, mx, top, nk)
 
 
 def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False,
@@ -227,9 +234,7 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
             found, seg = native.query_stats(_fp32(q), _fp32(k), scale, kk, segments, stats)
         out = {}
         if found is not None:
-            ent, mx, top = found
-            out = {"entropy": ent, "entropy_norm": ent / log_nk, "max_prob": mx, "topk_mass": top}
-            out = {name: t.view(G, h, nq) for name, t in out.items()}
+            out = named_stats(*found, nk, (G, h, nq))
         if seg is not None:
             out["segment_mass"] = seg.view(G, h, nq, len(segments))
         return out

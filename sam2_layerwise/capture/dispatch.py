@@ -9,7 +9,6 @@ kernel used. The swap is scoped to the module's forward: importing this package 
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -65,11 +64,11 @@ def flash_stats_kernel(q, k, v, scale=None, stats_topk: int | None = None):
 
     if stats_topk is None or not native.flash_usable(q, k, v):
         return float_kernel(q, k, v, scale)
-    out, (ent, mx, top) = native.flash_stats(q, k, v, scale, stats_topk)
-    nk = k.shape[-2]
-    stats = {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0), "max_prob": mx,
-             "topk_mass": top}
-    return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, stats=stats)
+    from sam2_layerwise.capture.attention import named_stats
+
+    out, found = native.flash_stats(q, k, v, scale, stats_topk)
+    return out, KernelView(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5,
+                           stats=named_stats(*found, k.shape[-2]))
 
 
 flash_stats_kernel.tile_statistics = True
@@ -98,14 +97,10 @@ class FastKernel:
             self.torch_calls += 1
             return float_kernel(q, k, v, scale)
         self.calls += 1
-        out, (ent, mx, top) = native.fast_attention(q, k, v, s, stats_topk or 0)
-        stats = None
-        if stats_topk is not None:
-            G, h, nq, _ = q.shape
-            nk = k.shape[-2]
-            ent = ent.view(G, h, nq)
-            stats = {"entropy": ent, "entropy_norm": ent / (math.log(nk) if nk > 1 else 1.0),
-                     "max_prob": mx.view(G, h, nq), "topk_mass": top.view(G, h, nq)}
+        from sam2_layerwise.capture.attention import named_stats
+
+        out, found = native.fast_attention(q, k, v, s, stats_topk or 0)
+        stats = named_stats(*found, k.shape[-2], q.shape[:3]) if stats_topk is not None else None
         return out, KernelView(q, k, v, s, stats=stats, fast=True)
 
 

@@ -27,7 +27,7 @@ from sam2_layerwise.capture.attention import attention_tile, row_tiles, tile_sta
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
 from sam2_layerwise.quant.quantizers import (QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats,
-                                             _fake_quant_compiled, quantization_error)
+                                             quantization_error, quantized_with_error)
 
 # Layer class -> (default weight channel axis, input channel axis).
 LAYER_TYPES = {"Linear": (0, -1), "Conv2d": (0, 1), "ConvTranspose2d": (1, 1)}
@@ -172,17 +172,6 @@ def plan(model: nn.Module, qcfg: QuantConfig) -> tuple[dict[str, Site], list[str
 def weight_key(w: torch.Tensor, fq: FakeQuantizer) -> tuple:
     """What a weight's quantization error depends on: the weight's and the scale's storage and versions, the bits."""
     return (w.data_ptr(), w._version, w.device, w.dtype, fq.scale.data_ptr(), fq.scale._version, fq.bits)
-
-
-def quantized_with_error(fq: FakeQuantizer, w: torch.Tensor):
-    """(fq applied to w quietly, the error it makes as `quantization_error` measures it, or None) in one read where
-    the compiled uniform kernel applies; otherwise (fq.quiet(w), None)."""
-    if fq.spec.kind == "uniform" and fq.scale is not None:
-        stats = QuantStats()
-        found = _fake_quant_compiled(w, fq.scale, fq.zero_point, *fq.qrange, fq.axis, stats)
-        if found is not None:
-            return found, stats
-    return fq.quiet(w), None
 
 
 class _LayerQuant:

@@ -314,6 +314,17 @@ def quantization_error(fq: "FakeQuantizer", x: torch.Tensor) -> "QuantStats":
     return stats
 
 
+def quantized_with_error(fq: "FakeQuantizer", x: torch.Tensor):
+    """(`fq.quiet(x)`, `quantization_error(fq, x)`) from one read where the compiled kernel applies to a uniform
+    quantizer; elsewhere (`fq.quiet(x)`, None): the error is left for whoever asks for it."""
+    if fq.spec.kind == "uniform" and fq.scale is not None:
+        stats = QuantStats()
+        found = _fake_quant_compiled(x, fq.scale, fq.zero_point, *fq.qrange, fq.axis, stats)
+        if found is not None:
+            return found, stats
+    return fq.quiet(x), None
+
+
 class UniformKind:
     """Uniform affine or symmetric quantization with a calibrated (or checkpointed) scale."""
 

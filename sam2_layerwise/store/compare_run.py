@@ -117,7 +117,7 @@ def _manifest_field_problem(m: dict) -> str | None:
     halves = m.get("halves")
     if halves is not None and (not isinstance(halves, dict)
                                or any(halves.get(half) != f"{half}/" for half in HALVES)):
-        return f"a malformed 'halves' entry (compare writes {{'original': 'original/', 'quantized': 'quantized/'}})"
+        return "a malformed 'halves' entry (compare writes {'original': 'original/', 'quantized': 'quantized/'})"
     if "attention_calls" in m and not _count(m["attention_calls"]):
         return f"a malformed 'attention_calls' {m['attention_calls']!r} (a count)"
     full_dtype = m.get("full_dtype")
