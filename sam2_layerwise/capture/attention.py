@@ -48,10 +48,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: P
     return attention_scores_probs(q, k, scale, transform)[1]
 
 
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scores q·kᵀ·scale fp32 [..., Nq, Nk], as every explicit kernel and recomputation takes them."""
+    with torch.autocast(q.device.type, enabled=False):
+        return torch.matmul(_fp32(q) * scale, _fp32(k).transpose(-1, -2))
+
+
 def attention_scores_probs(q: torch.Tensor, k: torch.Tensor, scale: float, transform: ProbsTransform = None):
     """(scores q·kᵀ·scale, probabilities) fp32 [..., Nq, Nk]: `attention_probs` with the scores it took them from."""
+    scores = attention_scores(q, k, scale)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.matmul(_fp32(q) * scale, _fp32(k).transpose(-1, -2))  # [..., Nq, Nk]
         probs = torch.softmax(scores, dim=-1)
         return scores, transform(probs) if transform is not None else probs
 
@@ -75,14 +81,27 @@ def row_tiles(G: int, h: int, nq: int, nk: int, tile_elements: int = TILE_ELEMEN
 
 
 def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple[int, int, int, int],
-                   with_scores: bool = False):
-    """Probabilities [g, h, r, Nk] fp32 and out = probs @ v [g, h, r, d_v] fp32 of one tile of `row_tiles`
-    (and, `with_scores`, the scores the probabilities came from)."""
+                   stats_topk: int | None = None):
+    """Probabilities [g, h, r, Nk] fp32 and out = probs @ v [g, h, r, d_v] fp32 of one tile of `row_tiles`; with
+    `stats_topk` also `tile_statistics` of its rows ([g, h, r] each) as a third value. Float probabilities on CPU
+    take them inside the softmax (`native.softmax_kernel`: torch's softmax to the bit, each row read once)."""
     g0, g1, r0, r1 = tile
-    scores, probs = attention_scores_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
+    fused = (native.softmax_kernel() if stats_topk is not None and transform is None and q.device.type == "cpu"
+             else None)
+    stats = None
+    if fused is not None:
+        native.note_taken("compiled")
+        scores = attention_scores(q[g0:g1, :, r0:r1], k[g0:g1], scale)  # [g, h, r, Nk]
+        nk = scores.shape[-1]
+        probs, ent, mx, top = fused.softmax_stats(scores.view(-1, nk), min(stats_topk, nk))
+        probs, stats = probs.view(scores.shape), named_stats(ent, mx, top, nk, scores.shape[:-1])
+    else:
+        scores, probs = attention_scores_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
+        if stats_topk is not None:
+            stats = tile_statistics(scores, probs, transform is not None, stats_topk)
     with torch.autocast(q.device.type, enabled=False):
         out = torch.matmul(probs, _fp32(v[g0:g1]))
-    return (probs, out, scores) if with_scores else (probs, out)
+    return (probs, out) if stats_topk is None else (probs, out, stats)
 
 
 def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool, topk: int) -> dict:

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import math
 import os
 import platform
 import sys
@@ -229,6 +230,36 @@ def _flash_probe(module) -> str | None:
     return None
 
 
+# Softmax probe rows (rows, keys): below, at and off the vector width, a short and a long row, several tasks.
+SOFTMAX_PROBES = ((3, 1), (5, 7), (4, 16), (3, 33), (64, 196), (9, 513), (40, 4096), (2, 4099))
+
+
+def same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit the same float32 values, NaN where the other has NaN (whatever its payload: torch's own softmax
+    gives different NaN bits to the same row depending on the rows around it)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0).view(torch.int32),
+                                                       b.masked_fill(nan, 0).view(torch.int32))
+
+
+def _softmax_probe(module) -> str | None:
+    """None when `module.softmax_stats` gives torch.softmax's own probabilities on every probe (random rows, a
+    sharp row, a constant row, rows with -inf, inf and NaN scores: `same_floats`); else what differed."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, nk in SOFTMAX_PROBES:
+        s = torch.randn(rows, nk, generator=gen) * 4
+        s[0] *= 50
+        if rows > 2:
+            s[1] = 0.5
+            s[2, ::3] = -math.inf
+        if rows > 4:
+            s[3, nk // 2] = math.inf
+            s[4, 0] = math.nan
+        if not same_floats(module.softmax_stats(s, 5)[0], torch.softmax(s, -1)):
+            return f"differs from torch.softmax on [{rows}, {nk}] scores"
+    return None
+
+
 def flash_kernel():
     """The compiled flash-attention-with-statistics module when it reproduces torch's CPU flash attention bit for
     bit in this process (built for ATen's CPU capability, checked on `FLASH_PROBES` once), else None (said once in
@@ -254,6 +285,21 @@ def flash_kernel():
                          reason.splitlines()[0][:300])
             _flash_state["module"], _flash_state["reason"] = module, reason
         return _flash_state["module"]
+
+
+def softmax_kernel():
+    """The flash module when its `softmax_stats` gives torch.softmax's probabilities bit for bit in this process
+    (checked on `SOFTMAX_PROBES` once), else None: a tiled kernel's statistics then take `probs_stats`."""
+    module = flash_kernel()
+    if module is None:
+        return None
+    with _lock:
+        if "softmax" not in _flash_state:
+            reason = _softmax_probe(module)
+            if reason is not None:
+                log.info("statistics of explicitly tiled attention take a second read of its tiles (%s)", reason)
+            _flash_state["softmax"] = module if reason is None else None
+        return _flash_state["softmax"]
 
 
 def flash_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, topk: int):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sam2_layerwise.capture import dispatch
-from sam2_layerwise.capture.attention import attention_tile, row_tiles, tile_statistics
+from sam2_layerwise.capture.attention import attention_tile, row_tiles
 from sam2_layerwise.errors import ModelError
 from sam2_layerwise.quant.config import ATTENTION_ROLES, FLAG, LAYER_ROLES, ROLE_BASE, QuantConfig, check_spec
 from sam2_layerwise.quant.quantizers import (QUANTIZER_KINDS, FakeQuantizer, QuantSpec, QuantStats,
@@ -269,8 +269,7 @@ class QuantKernel:
             if stats_topk is None:
                 p, o = attention_tile(q, k, v, s, self.probs, tile)  # probs [g, h, r, Nk] never leave the tile
             else:
-                p, o, scores = attention_tile(q, k, v, s, self.probs, tile, with_scores=True)
-                found = tile_statistics(scores, p, self.probs is not None, stats_topk)
+                p, o, found = attention_tile(q, k, v, s, self.probs, tile, stats_topk)
                 if stats is None:
                     stats = {name: torch.empty((G, h, nq), dtype=torch.float32, device=q.device) for name in found}
                 for name, values in found.items():

@@ -160,3 +160,80 @@ def test_non_finite_values_come_out_where_torchs_do(flash, edit, nk):
     out, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=5)
     assert view.stats is not None
     assert torch.equal(out.nan_to_num(7.0, 8.0, 9.0), ref.nan_to_num(7.0, 8.0, 9.0))
+
+
+# -- softmax with the statistics on the way (a tiled kernel's float probabilities) ---------------------------------
+
+@pytest.fixture(scope="module")
+def softmax(flash):
+    module = native.softmax_kernel()
+    assert module is not None, "softmax_stats differs from torch.softmax on its probes"
+    return module
+
+
+@pytest.mark.parametrize("nk", [1, 5, 8, 16, 17, 49, 64, 196, 511, 513, 4096, 4101])
+def test_softmax_is_torchs_to_the_bit_with_exact_statistics(softmax, nk):
+    """Probabilities bit for bit torch.softmax's (key counts below, at and off the vector widths), and the
+    statistics within 2e-6 of float64 ones of the same scores for top-k of 0, 1, 5, 16, 17 and every key."""
+    g = torch.Generator().manual_seed(nk)
+    s = torch.randn(37, nk, generator=g) * 3
+    s[0] *= 40  # one peaked row
+    s[1] = s[1].round()  # repeated scores: ties at the k-th largest
+    pd = torch.softmax(s.double(), -1)
+    for topk in (0, 1, 5, 16, 17, nk):
+        p, ent, mx, top = softmax.softmax_stats(s, topk)
+        assert native.same_floats(p, torch.softmax(s, -1))
+        kk = min(topk, nk)
+        want = {"ent": -torch.special.xlogy(pd, pd).sum(-1), "mx": pd.amax(-1),
+                "top": pd.topk(kk, -1).values.sum(-1) if kk else torch.zeros(37, dtype=torch.float64)}
+        for name, got in (("ent", ent), ("mx", mx), ("top", top)):
+            err = (got.double() - want[name]).abs().max().item()
+            assert err <= 2e-6, (nk, topk, name, err)
+
+
+def test_softmax_statistics_on_hand_made_rows(softmax):
+    """A uniform row (entropy ln N, top-k mass k/N), a one-hot row (entropy 0, max 1), two keys at e:1."""
+    s = torch.tensor([[0.0] * 40, [0.0] * 39 + [200.0], [1.0, 0.0] + [-1e30] * 38])
+    p, ent, mx, top = softmax.softmax_stats(s, 3)
+    torch.testing.assert_close(ent, torch.tensor([np.log(40), 0.0, np.log(1 + np.e) - np.e / (1 + np.e)],
+                                                 dtype=torch.float32), atol=2e-6, rtol=0)
+    torch.testing.assert_close(mx, torch.tensor([1 / 40, 1.0, np.e / (1 + np.e)], dtype=torch.float32))
+    torch.testing.assert_close(top, torch.tensor([3 / 40, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("nk", [7, 64, 1100])
+def test_softmax_non_finite_scores_come_out_as_torchs(softmax, nk):
+    """-inf, inf and NaN scores: the same probabilities as torch (NaN where torch's are NaN), statistics NaN on
+    rows whose probabilities are."""
+    s = torch.randn(6, nk, generator=torch.Generator().manual_seed(3))
+    s[0, ::2] = -float("inf")
+    s[1, 3] = float("inf")
+    s[2, nk - 1] = float("nan")
+    s[3] = -float("inf")
+    p, ent, mx, top = softmax.softmax_stats(s, 5)
+    assert native.same_floats(p, torch.softmax(s, -1))
+    nan_rows = p.isnan().any(-1)
+    assert nan_rows[1:4].all() and not nan_rows[0] and not nan_rows[4:].any()
+    assert ent[nan_rows].isnan().all() and mx[nan_rows].isnan().all() and top[nan_rows].isnan().all()
+    assert ent[~nan_rows].isfinite().all()
+
+
+def test_tiled_kernel_takes_its_statistics_from_the_softmax(softmax, monkeypatch):
+    """`attention_tile` with statistics: torch's probabilities and output to the bit, statistics equal to the
+    second read of the tile (`tile_statistics`) within 1e-6; without the compiled softmax it takes that read."""
+    from sam2_layerwise.capture import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) * 2 for n in (40, 70, 70))
+    tile = (0, 2, 0, 40)
+    p_ref, o_ref = attention.attention_tile(q, k, v, 0.3, None, tile)
+    p, o, stats = attention.attention_tile(q, k, v, 0.3, None, tile, 5)
+    assert torch.equal(p, p_ref) and torch.equal(o, o_ref)
+    want = attention.tile_statistics(attention.attention_scores(q, k, 0.3), p_ref, False, 5)
+    for name in attention.STAT_NAMES:
+        torch.testing.assert_close(stats[name], want[name], atol=1e-6, rtol=0)
+    monkeypatch.setitem(native._flash_state, "softmax", None)
+    p2, o2, stats2 = attention.attention_tile(q, k, v, 0.3, None, tile, 5)
+    assert torch.equal(p2, p_ref) and torch.equal(o2, o_ref)
+    for name in attention.STAT_NAMES:
+        torch.testing.assert_close(stats2[name], want[name], atol=0, rtol=0)

@@ -332,8 +332,13 @@ def test_quantized_capture_takes_statistics_from_its_tiles(path, monkeypatch, cf
     model = build_model(TINY_CONFIG, str(tiny_checkpoint), device="cpu").model
     prompts = parse_prompts([220, 150, 1], None, None, chelsea.shape[1], chelsea.shape[0])
     taken = []
-    real = apply.tile_statistics
-    monkeypatch.setattr(apply, "tile_statistics", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    real = apply.attention_tile
+
+    def attention_tile(q, k, v, scale, transform, tile, stats_topk=None):
+        taken.append(stats_topk) if stats_topk is not None else None
+        return real(q, k, v, scale, transform, tile, stats_topk)
+
+    monkeypatch.setattr(apply, "attention_tile", attention_tile)
     qm = calibrate_model(model, cfg, [chelsea])
     try:
         plain = run_plain(model, chelsea, prompts)

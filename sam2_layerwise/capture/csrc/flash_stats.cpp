@@ -311,8 +311,127 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
     return {output, ent, mxp, top};
 }
 
+// The k-th largest of a vector's lanes, counting repeats (0 < k <= lanes): each lane ranked by how many lanes are
+// larger, with no data-dependent branch; the smallest lane with fewer than k larger ones (NaN when a lane is NaN).
+inline float kth_lane(const Vec& v, int64_t k) {
+    float lanes[Vec::size()];
+    v.store(lanes);
+    Vec rank(0.f), rank2(0.f);  // two sums: half the dependency chain
+    for (int64_t j = 0; j < Vec::size(); j += 2) {
+        rank = rank + ((Vec(lanes[j]) > v) & Vec(1.f));
+        rank2 = rank2 + ((Vec(lanes[j + 1]) > v) & Vec(1.f));
+    }
+    rank = rank + rank2;
+    const Vec kept = Vec::blendv(Vec(std::numeric_limits<float>::infinity()), v, rank < Vec(static_cast<float>(k)));
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, kept);
+}
+
+// torch.softmax over the last axis of one float32 row, bit for bit, as ATen's _vec_softmax_lastdim computes it
+// (m = vec::reduce_all(maximum), e = vec::map((x - m).exp()), z = vec::reduce_all(+) over e, p = e * (1 / z)), with
+// the row's statistics taken in the same passes. The exp pass sums w = sum e (s - m) beside z (H = log z - w / z,
+// max p = 1 / z), in torch's lane order for z (first vector, then each next one, the tail merged into its lanes by
+// Vec::set), so z is torch's z. Top-k: m's lane maxima are W different keys, so the k-th largest of them is at most
+// the k-th largest score; the exp pass sets the few scores at or above it aside in `cand` (room for nk), and the
+// k largest of those are the row's. Rows shorter than a vector take torch's own functions and scalar statistics.
+inline void softmax_row(const float* s, float* p, int64_t nk, int64_t k, float* cand, float* ent, float* mxp,
+                        float* topm) {
+    const int64_t W = Vec::size(), nv = W * (nk / W);
+    const auto vmax_op = [](Vec& x, Vec& y) { return at::vec::maximum(x, y); };
+    const auto vsum_op = [](Vec& x, Vec& y) { return x + y; };
+    float m, z;
+    double w = 0;
+    int64_t n = 0;  // candidates in `cand`
+    if (nk < W) {
+        m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, nk);
+        at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, p, s, nk);
+        z = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, p, nk);
+        for (int64_t i = 0; i < nk; i++) w += p[i] == 0 ? 0.0 : static_cast<double>(p[i]) * (s[i] - m);
+        if (k > 0) std::copy(s, s + nk, cand), n = nk;
+    } else {
+        Vec acc = Vec::loadu(s);
+        for (int64_t d = W; d < nv; d += W) acc = at::vec::maximum(acc, Vec::loadu(s + d));
+        if (nk > nv) acc = Vec::set(acc, at::vec::maximum(acc, Vec::loadu(s + nv, nk - nv)), nk - nv);
+        m = at::vec::vec_reduce_all<float>(vmax_op, acc);
+        const Vec vbar(k == 0 ? std::numeric_limits<float>::infinity() : k <= W ? kth_lane(acc, k) : NEG_INF);
+        const Vec vm(m), zero(0.f);
+        Vec sum, vw(0.f);
+        for (int64_t d = 0; d < nk; d += W) {
+            const int64_t c = std::min(W, nk - d);
+            const Vec x = c == W ? Vec::loadu(s + d) : Vec::loadu(s + d, c);
+            const Vec t = x - vm;
+            const Vec e = t.exp();
+            if (c == W) {
+                e.store(p + d);
+                sum = d == 0 ? e : sum + e;
+                vw += (e * t) & (e != zero);  // a key at -inf adds 0, not 0 * -inf
+            } else {
+                e.store(p + d, c);
+                sum = Vec::set(sum, sum + e, c);
+                vw = Vec::set(vw, vw + ((e * t) & (e != zero)), c);
+            }
+            for (int above = ~(x >= vbar).zero_mask() & static_cast<int>((1LL << c) - 1); above; above &= above - 1) {
+                cand[n++] = s[d + __builtin_ctz(above)];
+            }
+            if ((d / W) % 16 == 15) {  // float lanes over 256 keys at most, then float64
+                w += at::vec::vec_reduce_all<float>(vsum_op, vw);
+                vw = Vec(0.f);
+            }
+        }
+        w += at::vec::vec_reduce_all<float>(vsum_op, vw);
+        z = at::vec::vec_reduce_all<float>(vsum_op, sum);
+    }
+    const float inv = 1 / z;
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, p, p, nk);
+    *ent = std::log(z) - static_cast<float>(w / z);
+    *mxp = std::isnan(m) ? m : inv;  // the largest probability: exp(0) * (1 / z)
+    float t = 0;  // sum exp(s - m) over the k largest candidates
+    if (k > 0 && n <= W) {  // the usual case: the k-th largest candidate by ranking, its copies counted up to k
+        const Vec c = Vec::set(Vec(NEG_INF), Vec::loadu(cand, n), n);
+        const float kth = kth_lane(c, k);
+        const Vec above = c > Vec(kth);
+        const int64_t bigger = __builtin_popcount(~above.zero_mask() & ((1 << W) - 1));
+        t = at::vec::vec_reduce_all<float>(vsum_op, Vec::blendv(Vec(0.f), (c - Vec(m)).exp(), above)) +
+            static_cast<float>(k - bigger) * std::exp(kth - m);
+    } else if (k > 0) {
+        if (n > k) std::nth_element(cand, cand + k - 1, cand + n, [](float a, float b) { return a > b; });
+        for (int64_t i = 0; i < std::min(n, k); i += W) {
+            const int64_t len = std::min(W, std::min(n, k) - i);
+            t += at::vec::vec_reduce_all<float>(vsum_op, Vec::set(Vec(0.f), (Vec::loadu(cand + i, len) - Vec(m)).exp(), len));
+        }
+    }
+    *topm = k == 0 ? 0.f : std::isnan(m) ? m : t * inv;
+}
+
+// torch.softmax(scores, -1) of float32 rows, bit for bit, with each row's entropy, max probability and top-k
+// mass (`softmax_row`): a tiled kernel's statistics without a second read of its scores and probabilities.
+// scores: [R, Nk] contiguous. Returns probs [R, Nk] and entropy, max_prob, topk_mass [R].
+std::vector<torch::Tensor> softmax_stats(torch::Tensor scores, int64_t topk) {
+    TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.device().is_cpu() && scores.is_contiguous() &&
+                    scores.dim() == 2 && scores.size(1) > 0,
+                "softmax_stats: contiguous float32 CPU [rows, keys] scores only");
+    const int64_t R = scores.size(0), nk = scores.size(1);
+    const int64_t kk = std::min<int64_t>(std::max<int64_t>(topk, 0), nk);
+    at::Tensor probs = at::empty_like(scores);
+    auto fopts = scores.options();
+    at::Tensor ent = at::empty({R}, fopts), mxp = at::empty({R}, fopts), top = at::empty({R}, fopts);
+    const float* s_data = scores.const_data_ptr<float>();
+    float* p_data = probs.data_ptr<float>();
+    float *ent_data = ent.data_ptr<float>(), *mx_data = mxp.data_ptr<float>(), *top_data = top.data_ptr<float>();
+    // ATen's grain for this kernel (rows per task); the split does not change any row's values
+    const int64_t grain = std::max<int64_t>(at::internal::GRAIN_SIZE / (16 * nk), 1);
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> cand(nk);
+        for (int64_t r = begin; r < end; r++) {
+            softmax_row(s_data + r * nk, p_data + r * nk, nk, kk, cand.data(), ent_data + r, mx_data + r, top_data + r);
+        }
+    });
+    return {probs, ent, mxp, top};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("usable", &usable, "whether flash_stats takes these q, k, v");
     m.def("flash_stats", &flash_stats, "torch's CPU flash attention output, bit for bit, with per-query statistics",
           pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("scale"), pybind11::arg("topk"));
+    m.def("softmax_stats", &softmax_stats, "torch.softmax over the last axis, bit for bit, with per-row statistics",
+          pybind11::arg("scores"), pybind11::arg("topk"));
 }
