@@ -1,13 +1,15 @@
 """compare and generate against plain SAM 2, in one run, plus the disk each mode takes.
 
 On the chosen architecture at its image size with random weights saved as a real SAM 2 checkpoint and a W8A8
-checkpoint calibrated from it by `sam2-layerwise quantize` (one photograph):
+checkpoint calibrated from it by `sam2-layerwise quantize` (one photograph), each timed run in a fresh process
+(imports excluded; the order of the three turns every repeat):
 
 - plain: SAM 2's own `build_sam2` + SAM2ImagePredictor for the float model, then the same for the fake-quantized
   model (build_sam2's model given the quantized checkpoint's weights and quantizers), one after the other (what a
   user would run without this tool); also both through this tool's loader, which skips the random
   initialisation the checkpoints overwrite, as a second reference;
-- `compare --save-raw` and `compare --save-full-attn`, in-process, the same image and click;
+- `compare --save-raw` (a fresh process each repeat, as above) and `compare --save-full-attn` (in-process), the
+  same image and click;
 - `generate` on the light run (all layers and heads) and on the full run, against one plain float forward;
   generate's peak memory (VmHWM) above what it held before, in a fresh process;
 - the size of each run directory.
@@ -92,6 +94,36 @@ def du(path: Path) -> int:
     return sum(seen.values())
 
 
+PLAIN_KINDS = {"plain-sam2": "sam2", "plain-tool": "tool"}
+
+
+def child_run(kind: str, config: str, fp: str, q: str, out: str) -> None:
+    """In a fresh process (a clean heap: runs in one process change each other's page faults by ±0.3 s): one timed
+    run, imports first and not timed. `kind`: plain-sam2 / plain-tool (`plain_pair`) or compare (`--save-raw`)."""
+    import sam2.build_sam  # noqa: F401  (imports are not the run)
+    import sam2.sam2_image_predictor  # noqa: F401
+
+    import sam2_layerwise.analysis.pair  # noqa: F401
+    import sam2_layerwise.cli.main  # noqa: F401
+    import sam2_layerwise.quant  # noqa: F401
+
+    if kind == "compare":
+        seconds, forward = cli(*compare_args(config, fp, q), "--output-dir", out, "--save-raw"), None
+    else:
+        seconds, forward = plain_pair(config, Path(fp), Path(q), PLAIN_KINDS[kind])
+    print(json.dumps({"seconds": seconds, "forward": forward}))
+
+
+def compare_args(config, fp, q) -> list[str]:
+    return ["compare", "--config-original", config, "--checkpoint-original", str(fp), "--config-quantized", str(QCFG),
+            "--checkpoint-quantized", str(q), "--image", str(IMAGE), "--points", *POINTS]
+
+
+def in_child(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def child_generate(run_dir: str) -> None:
     """In a fresh process: generate's time and its peak resident memory above the start."""
     import torch
@@ -119,9 +151,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--light-only", action="store_true", help="only the paired plain / compare --save-raw runs")
     ap.add_argument("--child-generate", help=argparse.SUPPRESS)
+    ap.add_argument("--child-run", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_generate:
         return child_generate(args.child_generate)
+    if args.child_run:
+        return child_run(*args.child_run)
 
     with tempfile.TemporaryDirectory(prefix="bench_compare_") as tmp:
         tmp = Path(tmp)
@@ -131,19 +166,19 @@ def main():
                       str(QCFG), "--calib-images", str(IMAGE), "--output", str(q))
         print(f"architecture {args.config}, {Path(IMAGE).name}, random weights; W8A8 calibrated in {t_quant:.1f} s",
               flush=True)
-        base = ["compare", "--config-original", args.config, "--checkpoint-original", str(fp), "--config-quantized",
-                str(QCFG), "--checkpoint-quantized", str(q), "--image", str(IMAGE), "--points", *POINTS]
-        ratios, tool_ratios, plain_s, tool_s, forward_s, light_s = [], [], [], [], [], []
-        for i in range(args.repeats):  # paired: plain (both loaders, order alternating) and compare back to back
-            for loader in ("sam2", "tool") if i % 2 == 0 else ("tool", "sam2"):
-                total, forward = plain_pair(args.config, fp, q, loader)
-                (plain_s if loader == "sam2" else tool_s).append(total)
-                if loader == "sam2":
-                    forward_s.append(forward)
-            light = cli(*base, "--output-dir", str(tmp / "light"), "--save-raw")
-            light_s.append(light)
-            ratios.append(light / plain_s[-1])
-            tool_ratios.append(light / tool_s[-1])
+        base = compare_args(args.config, fp, q)
+        kinds = ("plain-sam2", "plain-tool", "compare")
+        times = {kind: [] for kind in kinds}
+        forward_s = []
+        for i in range(args.repeats):  # each run in its own process; the order turns by one every repeat
+            for kind in kinds[i % 3:] + kinds[:i % 3]:
+                got = in_child("--child-run", kind, args.config, str(fp), str(q), str(tmp / "light"))
+                times[kind].append(got["seconds"])
+                if kind == "plain-sam2":
+                    forward_s.append(got["forward"])
+        plain_s, tool_s, light_s = times["plain-sam2"], times["plain-tool"], times["compare"]
+        ratios = [c / p for c, p in zip(light_s, plain_s)]
+        tool_ratios = [c / p for c, p in zip(light_s, tool_s)]
         print(f"plain float + quantized (SAM 2's build_sam2 + predictor, each): {statistics.median(plain_s):.1f} s "
               f"(one plain float forward {statistics.median(forward_s):.1f} s); through this tool's loader "
               f"(no random initialisation): {statistics.median(tool_s):.1f} s")
@@ -151,8 +186,11 @@ def main():
               f"(target <= 1.1); each repeat: {' '.join(f'{r:.2f}' for r in ratios)}")
         print(f"  against plain runs through this tool's loader: {statistics.median(tool_ratios):.2f} x; each repeat: "
               f"{' '.join(f'{r:.2f}' for r in tool_ratios)}", flush=True)
+        print(f"  medians: {statistics.median(light_s) / statistics.median(plain_s):.2f} x build_sam2, "
+              f"{statistics.median(light_s) / statistics.median(tool_s):.2f} x this tool's loader", flush=True)
         if args.light_only:
             return
+        cli(*base, "--output-dir", str(tmp / "light"), "--save-raw")
         full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")
         full16_s = cli(*base, "--output-dir", str(tmp / "full16"), "--save-full-attn", "--full-dtype", "fp16")
         gens = {}
