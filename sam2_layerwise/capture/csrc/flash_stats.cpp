@@ -346,7 +346,10 @@ inline void softmax_row(const float* s, float* p, int64_t nk, int64_t k, float* 
         at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, p, s, nk);
         z = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, p, nk);
         for (int64_t i = 0; i < nk; i++) w += p[i] == 0 ? 0.0 : static_cast<double>(p[i]) * (s[i] - m);
-        if (k > 0) std::copy(s, s + nk, cand), n = nk;
+        if (k > 0) {  // every key is a candidate
+            std::copy(s, s + nk, cand);
+            n = nk;
+        }
     } else {
         Vec acc = Vec::loadu(s);
         for (int64_t d = W; d < nv; d += W) acc = at::vec::maximum(acc, Vec::loadu(s + d));
