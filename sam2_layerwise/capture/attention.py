@@ -87,13 +87,13 @@ def attention_tile(q, k, v, scale: float, transform: ProbsTransform, tile: tuple
     take them inside the softmax (`native.softmax_kernel`: torch's softmax to the bit, each row read once)."""
     g0, g1, r0, r1 = tile
     fused = (native.softmax_kernel() if stats_topk is not None and transform is None and q.device.type == "cpu"
-             else None)
+             and k.shape[-2] > 0 else None)
     stats = None
     if fused is not None:
         native.note_taken("compiled")
         scores = attention_scores(q[g0:g1, :, r0:r1], k[g0:g1], scale)  # [g, h, r, Nk]
         nk = scores.shape[-1]
-        probs, ent, mx, top = fused.softmax_stats(scores.view(-1, nk), min(stats_topk, nk))
+        probs, ent, mx, top = fused.softmax_stats(scores.reshape(-1, nk).contiguous(), min(stats_topk, nk))
         probs, stats = probs.view(scores.shape), named_stats(ent, mx, top, nk, scores.shape[:-1])
     else:
         scores, probs = attention_scores_probs(q[g0:g1, :, r0:r1], k[g0:g1], scale, transform)
