@@ -388,14 +388,14 @@ inline void softmax_row(const float* s, float* p, int64_t nk, int64_t k, float* 
     *ent = std::log(z) - static_cast<float>(w / z);
     *mxp = std::isnan(m) ? m : inv;  // the largest probability: exp(0) * (1 / z)
     float t = 0;  // sum exp(s - m) over the k largest candidates
-    if (k > 0 && n <= W) {  // the usual case: the k-th largest candidate by ranking, its copies counted up to k
+    if (k > 0 && k < n && n <= W) {  // the k-th largest candidate by ranking, its copies counted up to k
         const Vec c = Vec::set(Vec(NEG_INF), Vec::loadu(cand, n), n);
         const float kth = kth_lane(c, k);
         const Vec above = c > Vec(kth);
         const int64_t bigger = __builtin_popcount(~above.zero_mask() & ((1 << W) - 1));
         t = at::vec::vec_reduce_all<float>(vsum_op, Vec::blendv(Vec(0.f), (c - Vec(m)).exp(), above)) +
             static_cast<float>(k - bigger) * std::exp(kth - m);
-    } else if (k > 0) {
+    } else if (k > 0) {  // k candidates exactly (all of them), or more than a vector holds
         if (n > k) std::nth_element(cand, cand + k - 1, cand + n, [](float a, float b) { return a > b; });
         for (int64_t i = 0; i < std::min(n, k); i += W) {
             const int64_t len = std::min(W, std::min(n, k) - i);
