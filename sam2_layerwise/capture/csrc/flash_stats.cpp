@@ -342,9 +342,9 @@ inline void softmax_row(const float* s, float* p, int64_t nk, int64_t k, float* 
     double w = 0;
     int64_t n = 0;  // candidates in `cand`
     if (nk < W) {
-        m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, nk);
+        m = at::vec::reduce_all<float>(vmax_op, s, nk);
         at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, p, s, nk);
-        z = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, p, nk);
+        z = at::vec::reduce_all<float>(vsum_op, p, nk);
         for (int64_t i = 0; i < nk; i++) w += p[i] == 0 ? 0.0 : static_cast<double>(p[i]) * (s[i] - m);
         if (k > 0) {  // every key is a candidate
             std::copy(s, s + nk, cand);
