@@ -237,3 +237,15 @@ def test_tiled_kernel_takes_its_statistics_from_the_softmax(softmax, monkeypatch
     assert torch.equal(p2, p_ref) and torch.equal(o2, o_ref)
     for name in attention.STAT_NAMES:
         torch.testing.assert_close(stats2[name], want[name], atol=0, rtol=0)
+
+
+def test_softmax_kernel_refused_when_its_probe_differs_or_fails(softmax, monkeypatch):
+    """A probe that finds a difference, or raises, leaves tiled kernels on the second read (None), once per process."""
+    for probe in (lambda module: "differs from torch.softmax on [3, 1] scores",
+                  lambda module: (_ for _ in ()).throw(RuntimeError("no such function"))):
+        monkeypatch.delitem(native._flash_state, "softmax")
+        monkeypatch.setattr(native, "_softmax_probe", probe)
+        assert native.softmax_kernel() is None
+        assert native._flash_state["softmax"] is None
+    monkeypatch.undo()  # the module this process probed before
+    assert native.softmax_kernel() is softmax
