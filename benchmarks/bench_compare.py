@@ -190,7 +190,6 @@ def main():
               f"{statistics.median(light_s) / statistics.median(tool_s):.2f} x this tool's loader", flush=True)
         if args.light_only:
             return
-        cli(*base, "--output-dir", str(tmp / "light"), "--save-raw")
         full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")
         full16_s = cli(*base, "--output-dir", str(tmp / "full16"), "--save-full-attn", "--full-dtype", "fp16")
         gens = {}
