@@ -79,36 +79,46 @@ struct TopK {
     }
 };
 
-// A whole row's k largest values (when all its keys are in one block: short rows), in k rounds over the row: the
-// largest value below the last one taken, then how many keys hold it. A few vector passes over a row in L1
-// instead of a list kept up to date key by key (whose set-up dominates rows of 16 to 196 keys). `top` is empty.
-inline void topk_rounds(const float* row, int64_t n, TopK& top) {
-    const int64_t W = Vec::size();
-    const int64_t nv = W * (n / W);
-    float below = std::numeric_limits<float>::infinity();
-    while (top.count < top.k) {
-        const Vec vbelow(below);
-        Vec vm(NEG_INF);
-        for (int64_t i = 0; i < nv; i += W) {
-            const Vec x = Vec::loadu(row + i);
-            vm = at::vec::maximum(vm, Vec::blendv(Vec(NEG_INF), x, x < vbelow));
-        }
-        float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-        for (int64_t i = nv; i < n; i++) m = row[i] < below && row[i] > m ? row[i] : m;
-        if (!(m > NEG_INF)) break;  // fewer than k values (or NaN scores: the row's statistics are NaN anyway)
-        int64_t same = 0;
-        const Vec vm1(m);
-        for (int64_t i = 0; i < nv; i += W) same += __builtin_popcount(~(Vec::loadu(row + i) == vm1).zero_mask() &
-                                                                     static_cast<int>((1LL << W) - 1));
-        for (int64_t i = nv; i < n; i++) same += row[i] == m;
-        for (; same > 0 && top.count < top.k; same--) top.best[top.count++] = m;
-        below = m;
+// The k-th largest of a vector's lanes, counting repeats (0 < k <= lanes): each lane ranked by how many lanes are
+// larger, with no data-dependent branch; the smallest lane with fewer than k larger ones (NaN when a lane is NaN).
+inline float kth_lane(const Vec& v, int64_t k) {
+    float lanes[Vec::size()];
+    v.store(lanes);
+    Vec rank(0.f), rank2(0.f);  // two sums: half the dependency chain
+    for (int64_t j = 0; j < Vec::size(); j += 2) {
+        rank = rank + ((Vec(lanes[j]) > v) & Vec(1.f));
+        rank2 = rank2 + ((Vec(lanes[j + 1]) > v) & Vec(1.f));
     }
+    rank = rank + rank2;
+    const Vec kept = Vec::blendv(Vec(std::numeric_limits<float>::infinity()), v, rank < Vec(static_cast<float>(k)));
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, kept);
+}
+
+// sum exp(c - m) over the k largest of the n candidates cand[0..n) (every candidate when n <= k); reorders cand.
+// Up to a vector of candidates: the k-th largest by ranking, its copies counted up to k; more: nth_element.
+inline float topk_exp_sum(float* cand, int64_t n, int64_t k, float m) {
+    const int64_t W = Vec::size();
+    const auto vsum_op = [](Vec& x, Vec& y) { return x + y; };
+    if (k < n && n <= W) {
+        const Vec c = Vec::set(Vec(NEG_INF), Vec::loadu(cand, n), n);
+        const float kth = kth_lane(c, k);
+        const Vec above = c > Vec(kth);
+        const int64_t bigger = __builtin_popcount(~above.zero_mask() & static_cast<int>((1LL << W) - 1));
+        return at::vec::vec_reduce_all<float>(vsum_op, Vec::blendv(Vec(0.f), (c - Vec(m)).exp(), above)) +
+               static_cast<float>(k - bigger) * std::exp(kth - m);
+    }
+    if (n > k) std::nth_element(cand, cand + k - 1, cand + n, [](float x, float y) { return x > y; });
+    float t = 0;
+    for (int64_t i = 0; i < std::min(n, k); i += W) {
+        const int64_t len = std::min(W, std::min(n, k) - i);
+        t += at::vec::vec_reduce_all<float>(vsum_op, Vec::set(Vec(0.f), (Vec::loadu(cand + i, len) - Vec(m)).exp(), len));
+    }
+    return t;
 }
 
 // row[i] *= scale; returns the max over the row (vector lanes, then the tail, as the fused kernel orders them);
-// the scaled values are also offered to `top` (k > 0)
-inline float scale_and_max(float* row, float scale, int64_t n, TopK& top, bool stream) {
+// the scaled values are also offered to `top` (k > 0, `stream`); *lanes: the lane maxima (the tail not in them)
+inline float scale_and_max(float* row, float scale, int64_t n, TopK& top, bool stream, Vec* lanes) {
     const int64_t W = Vec::size();
     const int full = static_cast<int>((1LL << W) - 1);
     const Vec vscale(scale);
@@ -133,20 +143,30 @@ inline float scale_and_max(float* row, float scale, int64_t n, TopK& top, bool s
         row[i] = x;
         if (want) top.push(x);
     }
+    *lanes = vmax;
     // the vector maximum first: NaN there (a NaN score) is the row's max, as in torch's build
     return std::max(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax),
                     tail_max);
 }
 
-// row[i] = exp(row[i] - m); returns the float sum in the fused kernel's order; adds sum e * (row - m) to *w
-inline float exp_and_sum(float* row, float m, int64_t n, double* w) {
+// row[i] = exp(row[i] - m); returns the float sum in the fused kernel's order; adds sum e * (row - m) to *w. With
+// `cand`, the scores at or above `bound` are also set aside there (*ncand of them).
+inline float exp_and_sum(float* row, float m, int64_t n, double* w, float bound = 0, float* cand = nullptr,
+                         int64_t* ncand = nullptr) {
     const int64_t W = Vec::size();
-    const Vec vm(m);
+    const int full = static_cast<int>((1LL << W) - 1);
+    const Vec vm(m), vbound(bound);
     Vec vsum(0.f);
     Vec vw(0.f);
     int64_t i = 0;
     for (; i < W * (n / W); i += W) {
-        const Vec t = Vec::loadu(row + i) - vm;
+        const Vec x = Vec::loadu(row + i);
+        if (cand) {
+            for (int above = ~(x >= vbound).zero_mask() & full; above; above &= above - 1) {
+                cand[(*ncand)++] = row[i + __builtin_ctz(above)];
+            }
+        }
+        const Vec t = x - vm;
         const Vec e = t.exp_u20();
         vsum += e;
         vw += e * t;
@@ -155,6 +175,7 @@ inline float exp_and_sum(float* row, float m, int64_t n, double* w) {
     float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
     double wsum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vw);
     for (; i < n; i++) {
+        if (cand && row[i] >= bound) cand[(*ncand)++] = row[i];
         const float t = row[i] - m;
         const float e = static_cast<float>(::exp(static_cast<double>(t)));  // torch's tail: C's double exp
         sum += e;
@@ -237,8 +258,11 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
         float* dst_data = qk_sum_data + qSplitSize;
         std::vector<double> zs(qSplitSize), ws(qSplitSize);
         const int64_t per_row = std::max<int64_t>(kk, 1);
-        const bool rounds = kk > 0 && kk <= 16 && kvSize <= kvSplitSize;  // short rows: one block, top-k in rounds
-        std::vector<float> best(per_row * qSplitSize);
+        // short rows (one key block): the top-k from the few scores at or above the k-th largest lane maximum (all
+        // keys when k exceeds the lanes), set aside by the exp pass; longer rows keep a list as the blocks stream
+        const bool short_rows = kk > 0 && kvSize <= kvSplitSize;
+        std::vector<float> best(per_row * qSplitSize), cand(short_rows ? kvSize : 0);
+        std::vector<double> tops(qSplitSize);
         std::vector<int64_t> counts(qSplitSize);
 
         for (int64_t z = begin; z < end; z++) {
@@ -250,6 +274,7 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
             std::fill(zs.begin(), zs.begin() + qBlockSize, 0.0);
             std::fill(ws.begin(), ws.begin() + qBlockSize, 0.0);
             std::fill(counts.begin(), counts.begin() + qBlockSize, 0);
+            std::fill(tops.begin(), tops.begin() + qBlockSize, 0.0);
             for (int64_t n = 0; n < kvSize; n += kvSplitSize) {
                 const int64_t kvBlockSize = std::min(kvSplitSize, kvSize - n);
                 gemm(TransposeType::Transpose, TransposeType::NoTranspose,
@@ -260,8 +285,8 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
                 for (int64_t row = 0; row < qBlockSize; ++row) {
                     float* r = qk_data + row * kvBlockSize;
                     TopK top{best.data() + row * per_row, counts[row], kk};
-                    float tmp_max = scale_and_max(r, scaling_factor, kvBlockSize, top, !rounds);
-                    if (rounds) topk_rounds(r, kvBlockSize, top);
+                    Vec lanes;
+                    float tmp_max = scale_and_max(r, scaling_factor, kvBlockSize, top, !short_rows, &lanes);
                     counts[row] = top.count;
                     const float old_max = qk_max_data[row];
                     tmp_max = old_max > tmp_max ? old_max : tmp_max;
@@ -276,7 +301,12 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
                         ws[row] = a * (ws[row] + shift * zs[row]);
                         zs[row] *= a;
                     }
-                    const float tmp_sum = exp_and_sum(r, tmp_max, kvBlockSize, &ws[row]);
+                    int64_t nc = 0;
+                    const float bound = short_rows && kk <= Vec::size() ? kth_lane(lanes, kk) : NEG_INF;
+                    const float tmp_sum = short_rows
+                        ? exp_and_sum(r, tmp_max, kvBlockSize, &ws[row], bound, cand.data(), &nc)
+                        : exp_and_sum(r, tmp_max, kvBlockSize, &ws[row]);
+                    if (short_rows) tops[row] = topk_exp_sum(cand.data(), nc, kk, tmp_max);
                     zs[row] += tmp_sum;
                     const float exp_tmp = std::exp(old_max - tmp_max);
                     qk_sum_data[row] = tmp_sum + exp_tmp * qk_sum_data[row];
@@ -301,7 +331,7 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
                 const double zz = zs[row], mx = qk_max_data[row];
                 ent_data[at] = static_cast<float>(std::log(zz) - ws[row] / zz);
                 mx_data[at] = static_cast<float>(1.0 / zz);
-                double t = 0;
+                double t = tops[row];
                 float* b = best.data() + row * per_row;
                 for (int64_t c = 0; c < counts[row]; c++) t += std::exp(static_cast<double>(b[c]) - mx);
                 top_data[at] = static_cast<float>(t / zz);
@@ -309,21 +339,6 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
         }
     });
     return {output, ent, mxp, top};
-}
-
-// The k-th largest of a vector's lanes, counting repeats (0 < k <= lanes): each lane ranked by how many lanes are
-// larger, with no data-dependent branch; the smallest lane with fewer than k larger ones (NaN when a lane is NaN).
-inline float kth_lane(const Vec& v, int64_t k) {
-    float lanes[Vec::size()];
-    v.store(lanes);
-    Vec rank(0.f), rank2(0.f);  // two sums: half the dependency chain
-    for (int64_t j = 0; j < Vec::size(); j += 2) {
-        rank = rank + ((Vec(lanes[j]) > v) & Vec(1.f));
-        rank2 = rank2 + ((Vec(lanes[j + 1]) > v) & Vec(1.f));
-    }
-    rank = rank + rank2;
-    const Vec kept = Vec::blendv(Vec(std::numeric_limits<float>::infinity()), v, rank < Vec(static_cast<float>(k)));
-    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, kept);
 }
 
 // torch.softmax over the last axis of one float32 row, bit for bit, as ATen's _vec_softmax_lastdim computes it
@@ -387,21 +402,7 @@ inline void softmax_row(const float* s, float* p, int64_t nk, int64_t k, float* 
     at::vec::map([inv](Vec x) { return x * Vec(inv); }, p, p, nk);
     *ent = std::log(z) - static_cast<float>(w / z);
     *mxp = std::isnan(m) ? m : inv;  // the largest probability: exp(0) * (1 / z)
-    float t = 0;  // sum exp(s - m) over the k largest candidates
-    if (k > 0 && k < n && n <= W) {  // the k-th largest candidate by ranking, its copies counted up to k
-        const Vec c = Vec::set(Vec(NEG_INF), Vec::loadu(cand, n), n);
-        const float kth = kth_lane(c, k);
-        const Vec above = c > Vec(kth);
-        const int64_t bigger = __builtin_popcount(~above.zero_mask() & ((1 << W) - 1));
-        t = at::vec::vec_reduce_all<float>(vsum_op, Vec::blendv(Vec(0.f), (c - Vec(m)).exp(), above)) +
-            static_cast<float>(k - bigger) * std::exp(kth - m);
-    } else if (k > 0) {  // k candidates exactly (all of them), or more than a vector holds
-        if (n > k) std::nth_element(cand, cand + k - 1, cand + n, [](float a, float b) { return a > b; });
-        for (int64_t i = 0; i < std::min(n, k); i += W) {
-            const int64_t len = std::min(W, std::min(n, k) - i);
-            t += at::vec::vec_reduce_all<float>(vsum_op, Vec::set(Vec(0.f), (Vec::loadu(cand + i, len) - Vec(m)).exp(), len));
-        }
-    }
+    const float t = k > 0 ? topk_exp_sum(cand, n, k, m) : 0.f;  // over the k largest candidates
     *topm = k == 0 ? 0.f : std::isnan(m) ? m : t * inv;
 }
 
