@@ -14,8 +14,9 @@
 //
 // The statistics come from the same exp values: with t = scale * s - m (m the running max) and e = exp(t),
 // z = sum e and w = sum e t are carried in float64 and rescaled when the max grows; entropy H = log z - w / z,
-// max p = 1 / z; each row keeps its k largest scaled scores as they stream past (a vector compare against the
-// k-th per 16 keys), and top-k mass = sum exp(s_top - m) / z. exp_u20 is torch's (about 2 ulp): the statistics
+// max p = 1 / z; top-k mass = sum exp(s_top - m) / z over the row's k largest scaled scores: a row of one key
+// block takes them from the few scores the exp pass sets aside (at or above the k-th largest lane maximum); a
+// longer row keeps its k largest as they stream past (a vector compare against the k-th per vector of keys). exp_u20 is torch's (about 2 ulp): the statistics
 // agree with the exact ones of `query_stats.cpp` to ~1e-6.
 
 #include <torch/extension.h>
