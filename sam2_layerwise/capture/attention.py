@@ -124,20 +124,31 @@ def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool
     return named_stats(ent, mx, top, nk)
 
 
-def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False,
-                   by_row: bool = False):
+# Past this many key elements in all, gathering each pick's group (a copy of its keys and values per pick) costs
+# more than taking the picks one at a time on views: a global block's 4 picks would copy 4 x 7 MiB of b+'s keys.
+GATHER_ELEMENTS = 1 << 18
+
+
+def rows_one_by_one(k: torch.Tensor, picks: list) -> bool:
+    """Whether the selected rows of `picks` over keys k [G, h, Nk, d] are computed one pick at a time on views
+    (large groups) rather than in one product over the gathered groups. A function of the shapes and picks only,
+    so a recomputation with the same picks takes the same path and gives the same bits."""
+    return len(picks) * k[0].numel() > GATHER_ELEMENTS
+
+
+def attention_rows(q, k, v, scale, transform: ProbsTransform, picks: list[tuple[int, int]], tiled: bool = False):
     """Probabilities and outputs for selected queries.
 
     q, k, v: [G, h, N, d]; picks: (group, query index) pairs. With `tiled` the rows are computed in the
     tiles of `row_tiles`, as an explicitly tiled kernel computed them; otherwise row by row (cheaper): all picks
-    in one batched product over their gathered groups, or with `by_row` one pick at a time on views of k and v
-    (no copy of a group's keys per pick: memory attention's 28,736 keys).
+    in one batched product over their gathered groups, or (`rows_one_by_one`: large groups, memory attention's
+    28,736 keys) one pick at a time on views of k and v.
     Returns probs [n, h, Nk] fp32 and out = probs @ v [n, h, d_v] fp32.
     """
     nk = k.shape[-2]
     if not picks:
         return q.new_zeros((0, q.shape[1], nk), dtype=torch.float32), q.new_zeros((0, q.shape[1], v.shape[-1]), dtype=torch.float32)
-    if by_row and not tiled:
+    if not tiled and rows_one_by_one(k, picks):
         rows = []
         for g, i in picks:
             p = attention_probs(q[g:g + 1, :, i:i + 1], k[g:g + 1], scale, transform)  # [1, h, 1, Nk]

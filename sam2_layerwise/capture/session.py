@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from sam2_layerwise.capture import dispatch, native
-from sam2_layerwise.capture.attention import STAT_NAMES, attention_rows, query_statistics, segment_sums
+from sam2_layerwise.capture.attention import (STAT_NAMES, attention_rows, query_statistics, rows_one_by_one,
+                                              segment_sums)
 from sam2_layerwise.capture.records import AttentionRecord, BlockRecord, QuerySpec, layer_key, tensor_stats
 from sam2_layerwise.errors import CaptureError
 from sam2_layerwise.geometry import DecoderTokenLayout, GridGeometry, HieraLayerGeometry, ImageFrame
@@ -300,13 +301,12 @@ class CaptureSession:
         layout = self.memory_layout if kind == "memory_cross" else None
         segments = layout.bounds if layout is not None and layout.verified and layout.keys == nk else None
         picks = [(s.group, s.index) for s in queries]
-        # memory attention: one row at a time on views of k/v (its keys reach 28,736 x 256 per map; gathering them
-        # per selected query would copy k and v once per query)
+        # large groups (global blocks, memory attention's 28,736 x 256 keys): one row at a time on views of k/v, not a
+        # gathered copy of k and v per selected query (`rows_one_by_one`)
         if view.rows is not None and view.rows_for == picks:  # kept by a tiled kernel from the tiles it computed
             probs, rows_out = view.rows
         else:
-            probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled,
-                                             by_row=kind.startswith("memory"))
+            probs, rows_out = attention_rows(q, k, v, view.scale, view.probs_transform, picks, view.tiled)
         kernel_err = 0.0
         if picks:
             g = torch.tensor([p[0] for p in picks], device=q.device)
@@ -339,7 +339,7 @@ class CaptureSession:
             head_stats[stat] = _summarise(per_head)
         selected = []
         if picks:
-            if kind.startswith("memory"):  # views, no gathered copy of k per query (see above)
+            if rows_one_by_one(k, picks):  # views, no gathered copy of k per query (see above)
                 parts = [query_statistics(q[a:a + 1, :, b:b + 1], k[a:a + 1], view.scale, view.probs_transform,
                                           self.options.stats_topk, self.options.chunk_elements) for a, b in picks]
                 sel = {st: torch.cat([p_[st] for p_ in parts]) for st in STAT_NAMES}  # [n, h, 1]
