@@ -59,9 +59,10 @@ def annotate_capture(cap, qm) -> dict:
     """Put each attention record's quantizers into `record.quant`; return the summary's `quantization` section."""
     if qm is None:
         return {}
+    reports = qm.site_reports()  # each quantizer's once, for every record and the section
     for rec in cap.attention:
-        rec.quant = qm.module_report(rec.name)
-    return {"quantization": qm.report()}
+        rec.quant = qm.module_report(rec.name, reports)
+    return {"quantization": qm.report(reports)}
 
 
 # -- the quantize command -------------------------------------------------------------------------------------

@@ -444,13 +444,19 @@ class QuantizedModel:
             bits[b] = bits.get(b, 0) + 1
         return bits
 
-    def report(self) -> dict:
-        """The run summary's `quantization` section: every quantizer, and which sites stayed float."""
+    def site_reports(self) -> dict[str, dict]:
+        """`site_report` of every site, by id: taken once for a summary's `report` and `module_report`s."""
+        return {qid: self.site_report(qid) for qid in self.sites}
+
+    def report(self, reports: dict[str, dict] | None = None) -> dict:
+        """The run summary's `quantization` section: every quantizer, and which sites stayed float. `reports`:
+        `site_reports()` already taken."""
         bits = self.bits_histogram()
+        reports = reports if reports is not None else self.site_reports()
         return {
             "config": self.config.source,
             "base_config": self.config.base_config,
-            "quantizers": [self.site_report(qid) for qid in self.sites],
+            "quantizers": [reports[qid] for qid in self.sites],
             "float_sites": len(self.floats),
             "quantized_sites": len(self.sites),
             "bits_histogram": bits,
@@ -458,14 +464,16 @@ class QuantizedModel:
                            "log2: code 2^b - 1 is zero (docs/quantization.md)",
         }
 
-    def module_report(self, module: str) -> dict | None:
-        """Quantizers of one module and of the layers inside it, by role: what an `AttentionRecord.quant` holds."""
+    def module_report(self, module: str, reports: dict[str, dict] | None = None) -> dict | None:
+        """Quantizers of one module and of the layers inside it, by role: what an `AttentionRecord.quant` holds.
+        `reports`: `site_reports()` already taken (else each site's is taken now)."""
+        site = reports.__getitem__ if reports is not None else self.site_report
         prefix = module + "."
-        kernel = {s.role: self.site_report(q) for q, s in self.sites.items() if s.module == module}
+        kernel = {s.role: site(q) for q, s in self.sites.items() if s.module == module}
         layers: dict[str, dict] = {}
         for q, s in self.sites.items():
             if s.module.startswith(prefix):
-                layers.setdefault(s.module[len(prefix):], {})[s.role] = self.site_report(q)
+                layers.setdefault(s.module[len(prefix):], {})[s.role] = site(q)
         floats = [f for f in self.floats if f.startswith(prefix) or f.rsplit(":", 1)[0] == module]
         if not kernel and not layers:
             return {"float": True, "float_sites": floats}
