@@ -119,6 +119,8 @@ def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool
     else:
         native.note_taken("torch")
         ent = -torch.special.xlogy(probs, probs).sum(-1)
+        if transformed:  # a row quantized to all zeros is no distribution: its entropy is undefined, not 0
+            ent = ent.masked_fill(~(probs.sum(-1) > 0), math.nan)
         mx = probs.amax(-1)
         top = topk_sum(probs, kk) if kk else torch.zeros_like(mx)
     return named_stats(ent, mx, top, nk)
@@ -294,7 +296,8 @@ def query_statistics(q, k, scale, transform: ProbsTransform = None, topk: int = 
             if transform is None:
                 # One exp per score: t = s - max, e = exp(t), z = sum e, p = e / z, so
                 # H = -sum p log p = log z - sum(e * t) / z, max p = 1 / z, top-k mass = sum topk(e) / z.
-                t = scores.sub_(scores.amax(-1, keepdim=True))
+                # (a key at -inf: t = -FLT_MAX, not -inf, so that e t = 0, not NaN; NaN stays NaN)
+                t = scores.sub_(scores.amax(-1, keepdim=True)).clamp_(min=torch.finfo(torch.float32).min)
                 e = torch.exp(t, out=e_buf[:n].view(shape))
                 parts = torch.matmul(e, onehot) if seg is not None else None  # [b, r, S]
                 z = parts.sum(-1) if covers else e.sum(-1)

@@ -160,6 +160,18 @@ def test_non_finite_values_come_out_where_torchs_do(flash, edit, nk):
     out, view = dispatch.flash_stats_kernel(q, k, v, None, stats_topk=5)
     assert view.stats is not None
     assert torch.equal(out.nan_to_num(7.0, 8.0, 9.0), ref.nan_to_num(7.0, 8.0, 9.0))
+    # the statistics: NaN exactly on the rows whose probabilities are not a distribution (a NaN or +inf score:
+    # torch's softmax of them is NaN), the exact values elsewhere (a key at -inf has probability 0)
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
+    undefined = probs.isnan().any(-1)
+    for name, value in view.stats.items():
+        assert torch.equal(value.isnan(), undefined), name
+    p = probs.nan_to_num(0.0)
+    exact = {"entropy": -torch.special.xlogy(p, p).sum(-1), "max_prob": p.amax(-1),
+             "topk_mass": p.topk(5, -1).values.sum(-1)}
+    for name, value in exact.items():
+        np.testing.assert_allclose(view.stats[name][~undefined].numpy(), value[~undefined].numpy(), rtol=1e-5,
+                                   atol=2e-6, err_msg=name)
 
 
 # -- softmax with the statistics on the way (a tiled kernel's float probabilities) ---------------------------------

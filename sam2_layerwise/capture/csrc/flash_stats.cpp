@@ -156,7 +156,7 @@ inline float exp_and_sum(float* row, float m, int64_t n, double* w, float bound 
                          int64_t* ncand = nullptr) {
     const int64_t W = Vec::size();
     const int full = static_cast<int>((1LL << W) - 1);
-    const Vec vm(m), vbound(bound);
+    const Vec vm(m), vbound(bound), vninf(NEG_INF);
     Vec vsum(0.f);
     Vec vw(0.f);
     int64_t i = 0;
@@ -170,7 +170,7 @@ inline float exp_and_sum(float* row, float m, int64_t n, double* w, float bound 
         const Vec t = x - vm;
         const Vec e = t.exp_u20();
         vsum += e;
-        vw += e * t;
+        vw += (e * t) & (x != vninf);  // a key at -inf adds 0 (e is not exactly 0 there: exp_u20 clamps)
         e.store(row + i);
     }
     float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
@@ -180,7 +180,7 @@ inline float exp_and_sum(float* row, float m, int64_t n, double* w, float bound 
         const float t = row[i] - m;
         const float e = static_cast<float>(::exp(static_cast<double>(t)));  // torch's tail: C's double exp
         sum += e;
-        wsum += static_cast<double>(e) * t;
+        if (row[i] != NEG_INF) wsum += static_cast<double>(e) * t;
         row[i] = e;
     }
     *w += wsum;
@@ -330,6 +330,12 @@ std::vector<torch::Tensor> flash_stats(torch::Tensor q_, torch::Tensor k_, torch
                                     dst_data + row * headSize, headSize);
                 const int64_t at = (i * num_head + j) * qSize + m + row;
                 const double zz = zs[row], mx = qk_max_data[row];
+                // no distribution: a NaN score or one at +inf (t = NaN made w NaN; the exp pass clamps NaN to a
+                // number), or every key at -inf (z = 0)
+                if (!(zz > 0) || std::isnan(ws[row])) {
+                    ent_data[at] = mx_data[at] = top_data[at] = std::numeric_limits<float>::quiet_NaN();
+                    continue;
+                }
                 ent_data[at] = static_cast<float>(std::log(zz) - ws[row] / zz);
                 mx_data[at] = static_cast<float>(1.0 / zz);
                 double t = tops[row];

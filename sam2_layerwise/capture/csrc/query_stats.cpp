@@ -133,7 +133,7 @@ static INLINE double sum_range(Sums& acc, const float* s, int64_t a, int64_t b) 
         const vf t = (load(s + i) - acc.mv) * acc.scale;
         const vf e = exp_nonpos(t);
         part += e;
-        acc.wv += e * t;
+        acc.wv += e > 0 ? e * t : splat(0.0f);  // a key at -inf: e = 0 adds 0, not 0 * -inf
     }
     double sum = tree_reduce<double>(__builtin_convertvector(part, vd), false);
     acc.zv += part;
@@ -142,7 +142,7 @@ static INLINE double sum_range(Sums& acc, const float* s, int64_t a, int64_t b) 
         const float e = exp_nonpos1(t);
         sum += e;
         acc.zt += e;
-        acc.wt += static_cast<double>(e) * t;
+        if (e > 0) acc.wt += static_cast<double>(e) * t;
     }
     return sum;
 }
@@ -819,7 +819,7 @@ HOT static void probs_row(const float* s, const float* p, int64_t nk, int64_t k,
             vm = a > vm ? a : vm;
             bm = x > bm ? x : bm;
             const vd xd = __builtin_convertvector(x, vd);
-            ps += xd * __builtin_convertvector(a, vd);
+            ps += xd * __builtin_convertvector(x > 0 ? a : splat(0.0f), vd);  // p = 0 (a key at -inf) adds 0
             ps1 += xd;
         }
         std::memcpy(cm + b * L, &bm, sizeof bm);
@@ -834,8 +834,12 @@ HOT static void probs_row(const float* s, const float* p, int64_t nk, int64_t k,
     }
     double sum_ps = tree_reduce<double>(ps, false), sum_p = tree_reduce<double>(ps1, false);
     for (int64_t j = nv * L; j < nk; ++j) {
-        sum_ps += static_cast<double>(p[j]) * s[j];
+        if (p[j] > 0) sum_ps += static_cast<double>(p[j]) * s[j];
         sum_p += p[j];
+    }
+    if (std::isnan(sum_p)) {  // a NaN or +inf score: torch's softmax of the row is NaN, no distribution
+        *ent = *mx = *top = std::numeric_limits<float>::quiet_NaN();
+        return;
     }
     const double w = sum_ps - static_cast<double>(m) * sum_p;  // sum p (s - m)
     *ent = static_cast<float>(-std::log(static_cast<double>(pmax)) - w);
