@@ -74,13 +74,24 @@ def layer_pairs(run: CompareRun) -> list[LayerPair]:
         only = sorted(set(fp) ^ set(q))[:3]
         raise InputError(f"its halves captured different layers (e.g. {', '.join(k for k, _ in only)})",
                          flag=FLAG, value=str(run.run_dir))
+    if not fp:
+        raise InputError("captured no attention layer: there is nothing to compare", flag=FLAG, value=str(run.run_dir))
     out = []
     for i, (k, e) in enumerate(fp.items()):
         if e["heads"] != q[k]["heads"] or e.get("kind") != q[k].get("kind"):
             raise InputError(f"its halves disagree on layer {k[0]} (heads or kind)", flag=FLAG, value=str(run.run_dir))
+        if _tokens(e) != _tokens(q[k]):  # compare selects the same tokens in both models; rows are paired by order
+            raise InputError(f"its halves selected different query tokens in layer {k[0]}", flag=FLAG,
+                             value=str(run.run_dir))
         out.append(LayerPair(order=i, layer_key=k[0], call_index=k[1], name=str(e.get("name", k[0])),
                              kind=str(e.get("kind", "")), heads=int(e["heads"]), fp=e, q=q[k]))
     return out
+
+
+def _tokens(entry: dict) -> list:
+    """(label, group, index) of each selected query of a summary entry, in order."""
+    return [(q.get("label"), q.get("group"), q.get("index")) if isinstance(q, dict) else q
+            for q in entry.get("queries") or []]
 
 
 def record_pairs(fp_records: list, q_records: list) -> list[LayerPair]:
@@ -149,7 +160,8 @@ def _load(run: CompareRun, half: str, entry: dict, what: str, needs: tuple[str, 
         raise InputError(f"{half}/{rel} cannot be loaded ({type(exc).__name__}); the run is damaged", flag=FLAG,
                          value=str(run.run_dir)) from None
     if not isinstance(data, dict) or any(not isinstance(data.get(n), torch.Tensor) or not data[n].is_floating_point()
-                                         or data[n].layout != torch.strided for n in needs):
+                                         or data[n].layout != torch.strided or data[n].device.type != "cpu"
+                                         for n in needs):
         raise InputError(f"{half}/{rel} does not hold {', '.join(needs)} as dense floating-point tensors", flag=FLAG,
                          value=str(run.run_dir))
     return data
@@ -197,7 +209,8 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
         a, b = a.permute(1, 0, 2).reshape(h, -1), b.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]
         if valid is not None:
             a, b = a[:, valid.reshape(-1)], b[:, valid.reshape(-1)]
-        out[f"{stat}_fp"], out[f"{stat}_q"], out[f"{stat}_delta"] = a.mean(1), b.mean(1), (b - a).mean(1)
+        # rows without a distribution (NaN statistics) are left out, as in the per-query means (`summarise`)
+        out[f"{stat}_fp"], out[f"{stat}_q"], out[f"{stat}_delta"] = a.nanmean(1), b.nanmean(1), (b - a).nanmean(1)
     return out
 
 
@@ -348,6 +361,7 @@ def head_rows(res: LayerResult, heads: list[int] | None) -> list[dict]:
     for h in chosen:
         row = {"order": p.order, "layer": p.label, "layer_key": p.layer_key, "call_index": p.call_index,
                "kind": p.kind, "head": h, "scope": res.scope, "n_queries": int(res.per_query["js"].shape[0]),
+               "js_undefined": int(js["undefined"][h]),
                "js_mean": js["mean"][h], "js_p95": js["p95"][h], "js_max": js["max"][h]}
         row.update({name: means[name][h] for name in PAIR_METRICS if name != "js"})
         for name in ERRORS:
@@ -398,6 +412,9 @@ def impact(run: CompareRun) -> dict:
         except Exception as exc:
             raise InputError(f"{half}/{rel} cannot be loaded ({type(exc).__name__}); the run is damaged", flag=FLAG,
                              value=str(run.run_dir)) from None
+        if not isinstance(preds[half], dict):
+            raise InputError(f"{half}/{rel} does not hold a predictions dict; the run is damaged", flag=FLAG,
+                             value=str(run.run_dir))
     try:
         return output_impact(preds["original"], preds["quantized"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -444,7 +461,7 @@ def read_attribution(run: CompareRun) -> dict | None:
 METRICS_VERSION = 1
 PLOTTED = ("js_mean", "js_p95", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk", "q_rel_err",
            "k_rel_err", "v_rel_err", "out_rel_err")
-RANK_COLUMNS = ("js_mean", "js_p95", "js_max", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk",
+RANK_COLUMNS = ("n_queries", "js_undefined", "js_mean", "js_p95", "js_max", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk",
                 "q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
 
 
@@ -458,10 +475,14 @@ class GenerateOptions:
 
 
 def ranked(heads: list[dict], n: int) -> list[dict]:
-    """Heads by mean JS, highest first (NaN last; ties in model order)."""
+    """Heads by mean JS, highest first; ties in model order. A head whose every row lost its distribution
+    (`js_undefined` = `n_queries` > 0: quantized to all zeros, or NaN) ranks first: nothing of its attention is
+    left. A head with no row at all ranks last."""
     def key(r):
         v = r["js_mean"]
-        return (v is None or not math.isfinite(v), -(v or 0.0), r["order"], r["head"])
+        undefined = v is None or not math.isfinite(v)
+        collapsed = undefined and r.get("js_undefined", 0) > 0
+        return (not collapsed, undefined, -(v or 0.0), r["order"], r["head"])
     return [{"rank": i + 1, **{c: r[c] for c in ("layer_key", "call_index", "layer", "kind", "head")},
              **{c: r.get(c) for c in RANK_COLUMNS}} for i, r in enumerate(sorted(heads, key=key)[:n])]
 

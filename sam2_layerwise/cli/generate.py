@@ -94,8 +94,9 @@ def run(args) -> int:
              imp["chosen"]["fp"], imp["chosen"]["q"], " (changed)" if imp["chosen"]["changed"] else "")
     log.info("most changed heads (mean JS):")
     for r in metrics["ranking"][:5]:
-        log.info("  %d. %s head %d  JS %s  q/k/v err %s/%s/%s", r["rank"], r["layer_key"], r["head"],
-                 _fmt(r["js_mean"]), _fmt(r["q_rel_err"]), _fmt(r["k_rel_err"]), _fmt(r["v_rel_err"]))
+        lost = f" ({r['js_undefined']} of {r['n_queries']} rows no distribution)" if r.get("js_undefined") else ""
+        log.info("  %d. %s head %d  JS %s%s  q/k/v err %s/%s/%s", r["rank"], r["layer_key"], r["head"],
+                 _fmt(r["js_mean"]), lost, _fmt(r["q_rel_err"]), _fmt(r["k_rel_err"]), _fmt(r["v_rel_err"]))
     log.info("viewer: %s (opens from disk); click anywhere with: sam2-layerwise view %s%s",
              run_.run_dir / opts.output / "index.html", run_.run_dir,
              f" --page {opts.output}" if opts.output != "analysis" else "")

@@ -29,6 +29,9 @@ def _tensors(side: str, pred: dict) -> list[torch.Tensor]:
         masks, ious, logits = (torch.as_tensor(pred[key]) for key in PREDICTION_KEYS)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{side} predictions: {', '.join(PREDICTION_KEYS)} must be tensors ({e})") from None
+    for key, t in zip(PREDICTION_KEYS, (masks, ious, logits)):
+        if t.is_complex() or t.device.type != "cpu" or t.layout != torch.strided:
+            raise ValueError(f"{side} predictions: {key} must be a real dense CPU tensor ({t.dtype}, {t.device})")
     if masks.dim() != 3 or ious.dim() != 1 or logits.dim() != 3:
         raise ValueError(f"{side} predictions: expected masks [M, H, W], iou_predictions [M] and low_res_logits "
                          f"[M, h, w], got {tuple(masks.shape)}, {tuple(ious.shape)} and {tuple(logits.shape)}")

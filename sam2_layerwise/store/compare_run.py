@@ -39,7 +39,7 @@ class CompareRun:
         return self.manifest["mode"]
 
     def path(self, half: str, rel: str, flag: str = "--run_dir") -> Path:
-        """A file a half's summary names, checked to resolve inside the run directory and to exist."""
+        """A file a half's summary names, checked to resolve inside that half's folder and to exist."""
         return inside(self.run_dir, rel, flag, under=half)
 
 
@@ -71,12 +71,13 @@ def owned_entries(run_dir: Path, *names: str) -> tuple[str, ...]:
 
 def inside(run_dir: Path, rel, flag: str, under: str = "") -> Path:
     """`run_dir/under/rel`, where `rel` was read from a file of the run (untrusted): refused unless it resolves
-    to an existing file inside the run directory."""
+    to an existing file inside `run_dir/under` (a half's summary names only that half's files: not the other
+    half's predictions, which would compare a half with itself)."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
         raise InputError(f"names a file outside the run ({under + ': ' if under else ''}{str(rel)[:200]!r})",
                          flag=flag, value=str(run_dir))
     rel = f"{under}/{rel}" if under else rel
-    root = run_dir.resolve()
+    root = (run_dir / under).resolve() if under else run_dir.resolve()
     p = (run_dir / rel).resolve()
     if not p.is_relative_to(root):
         raise InputError(f"names a file outside the run ({rel})", flag=flag, value=str(run_dir))

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from sam2_layerwise.cli.main import main
 from tests.analysis.conftest import EXAMPLES, compare_args
@@ -151,6 +152,13 @@ def _escape(run):
     _edit_json(run / "original" / "layerwise_summary.json", fn)
 
 
+def _edit_pt(path, fn):
+    data = torch.load(path, weights_only=True)
+    fn(data)
+    path.unlink()  # a hard link would be written through
+    torch.save(data, path)
+
+
 def _scale_rows(run, factor):
     """The original half's first saved attention rows multiplied by `factor` (no longer probabilities)."""
     import torch
@@ -216,6 +224,24 @@ def _scale_rows(run, factor):
     (lambda r: _edit_json(r / "original" / "layerwise_summary.json",
                           lambda s: s["attention"][0]["files"].update(attn="/etc/passwd")), [],
      ["--run_dir", "outside the run", "/etc/passwd"]),
+    # one half's summary naming the other half's files: a half compared with itself would look unchanged
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["prediction"].update(file="../original/predictions.pt")), [],
+     ["--run_dir", "outside the run", "quantized/../original/predictions.pt"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["attention"][0]["files"].update(
+                              attn="../original/" + s["attention"][0]["files"]["attn"])), [],
+     ["--run_dir", "outside the run"]),
+    (lambda r: (r / "quantized" / "predictions.pt").unlink() or torch.save(torch.zeros(3), r / "quantized" / "predictions.pt"),
+     [], ["--run_dir", "quantized/predictions.pt does not hold a predictions dict"]),
+    (lambda r: _edit_pt(r / "quantized" / "predictions.pt",
+                        lambda d: d.update(low_res_logits=d["low_res_logits"].to(torch.complex64))), [],
+     ["--run_dir", "predictions cannot be compared", "low_res_logits must be a real dense CPU tensor"]),
+    (lambda r: [_edit_json(r / h / "layerwise_summary.json", lambda s: s.update(attention=[]))
+                for h in ("original", "quantized")], [], ["--run_dir", "captured no attention layer"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
+                          lambda s: s["attention"][1]["queries"][0].update(index=s["attention"][1]["queries"][0]["index"] + 1)),
+     [], ["--run_dir", "selected different query tokens", "image_encoder_trunk_blocks_1"]),
     (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
     (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
     # selections

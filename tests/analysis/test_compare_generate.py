@@ -89,11 +89,27 @@ def test_passthrough_twin_changes_nothing_exactly(compare_runs):
         assert imp["logits"]["max_abs_error"] == 0
 
 
+def test_heads_whose_rows_all_lost_their_distribution_rank_first():
+    """A head every row of which was quantized to zeros (no JS) is the most damaged: it ranks first, its
+    undefined rows counted; a head with no row at all ranks last; the rest by mean JS."""
+    from sam2_layerwise.analysis.generate import ranked
+
+    def row(order, head, js, undefined, n=4):
+        return {"order": order, "head": head, "layer_key": f"l{order}", "call_index": 0, "layer": f"L{order}",
+                "kind": "k", "n_queries": n, "js_undefined": undefined, "js_mean": js}
+
+    heads = [row(0, 0, 0.2, 0), row(0, 1, None, 4), row(1, 0, 0.5, 2), row(1, 1, float("nan"), 0, n=0),
+             row(2, 0, 0.2, 0)]
+    got = [(r["layer_key"], r["head"], r["js_undefined"]) for r in ranked(heads, 10)]
+    assert got == [("l0", 1, 4), ("l1", 0, 2), ("l0", 0, 0), ("l2", 0, 0), ("l1", 1, 0)]
+
+
 def test_w8a8_changes_attention_within_bounds(compare_runs):
     metrics = generate(compare_runs["w8a8", "raw"])
     heads = pd.read_csv(compare_runs["w8a8", "raw"] / "analysis" / "metrics_heads.csv")
     assert (heads["js_mean"] > 0).any() and (heads["js_max"] <= 1).all() and (heads["js_mean"] >= 0).all()
     assert (heads["q_rel_err"] > 0).all()  # q is 8-bit quantized in every captured layer
+    assert (heads["js_undefined"] == 0).all()  # every row of a W8A8 twin is a distribution
     queries = pd.read_csv(compare_runs["w8a8", "raw"] / "analysis" / "metrics_queries.csv")
     assert set(queries["query"]) >= {"click0", "click1", "query0"}
     # the heads table's mean is the mean of the queries table
