@@ -363,8 +363,9 @@ def build_model(config: str | None, checkpoint: str | None = None, *, random_ini
         entry = ckpt[QUANT_ENTRY]
         count = len(entry.get("quantizers") or {}) if isinstance(entry, dict) else 0
         log.warning("checkpoint %s carries quantization parameters (%d quantizers); running it as a FLOAT model "
-                    "(its float weights). Pass --adaptive-qat-config with the config it was made with to run it "
-                    "quantized", checkpoint, count)
+                    "(its float weights). To run it quantized, give the quantization config it was made with "
+                    "(visualize: --adaptive-qat-config; compare: as --checkpoint-quantized with --config-quantized)",
+                    checkpoint, count)
     if state is not None:
         warn_nonfinite(state, str(checkpoint))
 
