@@ -204,6 +204,12 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
         a, b = fs.get(stat), qs.get(stat)
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dim() != 3:
             continue
+        # masses and maxima of probabilities lie in [0, 1]; a normalised entropy of raw quantized rows (which sum
+        # below 1) may pass 1 a little on two keys, never 2. NaN is a row without a distribution.
+        top = 2.0 if stat == "entropy_norm" else 1.0 + 1e-3
+        if any(bool(((t < -1e-4) | (t > top)).any()) for t in (a, b)):
+            raise InputError(f"{pair.layer_key}: its saved {stat} statistics lie outside [0, 1]; the run is damaged",
+                             flag=FLAG, value=str(run.run_dir) if run is not None else pair.layer_key)
         g, h, nq = a.shape  # [G, heads, Nq]
         valid = _valid(pair, g, nq)
         a, b = a.permute(1, 0, 2).reshape(h, -1), b.permute(1, 0, 2).reshape(h, -1)  # [h, G*Nq]

@@ -193,4 +193,8 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
         raise InputError("its two halves were captured with different prompts", flag=flag, value=str(run_dir))
     if a["image"].get("sha256") != m["image"].get("sha256") or a["prompts"] != m["prompts"]:
         raise InputError(f"its halves do not match {MANIFEST} (image or prompts)", flag=flag, value=str(run_dir))
+    calls = m.get("attention_calls")
+    if calls is not None and a.get("mode") != "video" and not len(a["attention"]) == len(b["attention"]) == calls:
+        raise InputError(f"its halves hold {len(a['attention'])} and {len(b['attention'])} attention calls where "
+                         f"{MANIFEST} says {calls}; the run is damaged", flag=flag, value=str(run_dir))
     return CompareRun(run_dir=p, manifest=m, summaries=summaries)

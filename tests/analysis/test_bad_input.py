@@ -200,6 +200,8 @@ def _scale_rows(run, factor):
      ["--run_dir", "'halves'"]),
     (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(attention_calls=-3)), [],
      ["--run_dir", "'attention_calls' -3"]),
+    (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(attention_calls=m["attention_calls"] - 1)), [],
+     ["--run_dir", "attention calls where manifest.json says"]),
     (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(attention_calls="31")), [],
      ["--run_dir", "'attention_calls' '31'"]),
     (lambda r: _edit_json(r / "manifest.json", lambda m: m.update(full_dtype="float64")), [],
@@ -238,10 +240,15 @@ def _scale_rows(run, factor):
                         lambda d: d.update(low_res_logits=d["low_res_logits"].to(torch.complex64))), [],
      ["--run_dir", "predictions cannot be compared", "low_res_logits must be a real dense CPU tensor"]),
     (lambda r: [_edit_json(r / h / "layerwise_summary.json", lambda s: s.update(attention=[]))
-                for h in ("original", "quantized")], [], ["--run_dir", "captured no attention layer"]),
+                for h in ("original", "quantized")] + [_edit_json(r / "manifest.json",
+                                                                   lambda m: m.update(attention_calls=0))], [],
+     ["--run_dir", "captured no attention layer"]),
     (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json",
                           lambda s: s["attention"][1]["queries"][0].update(index=s["attention"][1]["queries"][0]["index"] + 1)),
      [], ["--run_dir", "selected different query tokens", "image_encoder_trunk_blocks_1"]),
+    (lambda r: _edit_pt(r / "quantized" / json.loads((r / "quantized" / "layerwise_summary.json").read_text())
+                        ["attention"][0]["files"]["attn"], lambda d: d["query_stats"]["max_prob"].fill_(1e30)), [],
+     ["--run_dir", "max_prob statistics lie outside [0, 1]"]),
     (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
     (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
     # selections
