@@ -467,8 +467,8 @@ def read_attribution(run: CompareRun) -> dict | None:
 METRICS_VERSION = 1
 PLOTTED = ("js_mean", "js_p95", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk", "q_rel_err",
            "k_rel_err", "v_rel_err", "out_rel_err")
-RANK_COLUMNS = ("n_queries", "js_undefined", "js_mean", "js_p95", "js_max", "entropy_norm_delta", "topk_overlap", "q_mass_on_fp_topk",
-                "q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
+RANK_COLUMNS = ("n_queries", "js_undefined", "js_mean", "js_p95", "js_max", "entropy_norm_delta", "topk_overlap",
+                "q_mass_on_fp_topk", "q_rel_err", "k_rel_err", "v_rel_err", "out_rel_err")
 
 
 @dataclass(frozen=True)

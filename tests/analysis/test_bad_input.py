@@ -152,11 +152,15 @@ def _escape(run):
     _edit_json(run / "original" / "layerwise_summary.json", fn)
 
 
+def _replace_pt(path, data):
+    path.unlink()  # a hard link would be written through
+    torch.save(data, path)
+
+
 def _edit_pt(path, fn):
     data = torch.load(path, weights_only=True)
     fn(data)
-    path.unlink()  # a hard link would be written through
-    torch.save(data, path)
+    _replace_pt(path, data)
 
 
 def _scale_rows(run, factor):
@@ -234,8 +238,8 @@ def _scale_rows(run, factor):
                           lambda s: s["attention"][0]["files"].update(
                               attn="../original/" + s["attention"][0]["files"]["attn"])), [],
      ["--run_dir", "outside the run"]),
-    (lambda r: (r / "quantized" / "predictions.pt").unlink() or torch.save(torch.zeros(3), r / "quantized" / "predictions.pt"),
-     [], ["--run_dir", "quantized/predictions.pt does not hold a predictions dict"]),
+    (lambda r: _replace_pt(r / "quantized" / "predictions.pt", torch.zeros(3)), [],
+     ["--run_dir", "quantized/predictions.pt does not hold a predictions dict"]),
     (lambda r: _edit_pt(r / "quantized" / "predictions.pt",
                         lambda d: d.update(low_res_logits=d["low_res_logits"].to(torch.complex64))), [],
      ["--run_dir", "predictions cannot be compared", "low_res_logits must be a real dense CPU tensor"]),

@@ -16,8 +16,8 @@
 // z = sum e and w = sum e t are carried in float64 and rescaled when the max grows; entropy H = log z - w / z,
 // max p = 1 / z; top-k mass = sum exp(s_top - m) / z over the row's k largest scaled scores: a row of one key
 // block takes them from the few scores the exp pass sets aside (at or above the k-th largest lane maximum); a
-// longer row keeps its k largest as they stream past (a vector compare against the k-th per vector of keys). exp_u20 is torch's (about 2 ulp): the statistics
-// agree with the exact ones of `query_stats.cpp` to ~1e-6.
+// longer row keeps its k largest as they stream past (a vector compare against the k-th per vector of keys).
+// exp_u20 is torch's (about 2 ulp): the statistics agree with the exact ones of `query_stats.cpp` to ~1e-6.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -112,7 +112,8 @@ inline float topk_exp_sum(float* cand, int64_t n, int64_t k, float m) {
     float t = 0;
     for (int64_t i = 0; i < std::min(n, k); i += W) {
         const int64_t len = std::min(W, std::min(n, k) - i);
-        t += at::vec::vec_reduce_all<float>(vsum_op, Vec::set(Vec(0.f), (Vec::loadu(cand + i, len) - Vec(m)).exp(), len));
+        const Vec e = (Vec::loadu(cand + i, len) - Vec(m)).exp();
+        t += at::vec::vec_reduce_all<float>(vsum_op, Vec::set(Vec(0.f), e, len));
     }
     return t;
 }
