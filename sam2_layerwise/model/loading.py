@@ -316,7 +316,10 @@ class LoadedModel:
     overrides: dict | None = None  # the config overrides it was built with (image size)
 
     def describe(self) -> dict:
-        return {"config": str(self.config_path), "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+        # the checkpoint as an absolute path, as summaries and manifests give the image: a run explains itself from
+        # any working directory
+        return {"config": str(self.config_path),
+                "checkpoint": str(Path(self.checkpoint_path).absolute()) if self.checkpoint_path else None,
                 "random_init": self.random_init, "device": str(self.device), "image_size": int(self.model.image_size),
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
