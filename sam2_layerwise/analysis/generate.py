@@ -167,6 +167,14 @@ def _load(run: CompareRun, half: str, entry: dict, what: str, needs: tuple[str, 
     return data
 
 
+PROB_MAX = 1.0 + 1e-3  # a saved probability or mass above this is not one (fake quantization rounds within it)
+
+
+def _outside(t: torch.Tensor, low: float, high: float) -> bool:
+    """Whether any value of `t` lies below `low` or above `high` (NaN does not: a model with NaN weights is real)."""
+    return bool(((t < low) | (t > high)).any())
+
+
 def _same_shape(run, pair, what, a: torch.Tensor, b: torch.Tensor):
     if a.shape != b.shape:
         raise InputError(f"{pair.layer_key}: the halves' {what} differ in shape ({list(a.shape)} vs "
@@ -206,8 +214,8 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
             continue
         # masses and maxima of probabilities lie in [0, 1]; a normalised entropy of raw quantized rows (which sum
         # below 1) may pass 1 a little on two keys, never 2. NaN is a row without a distribution.
-        top = 2.0 if stat == "entropy_norm" else 1.0 + 1e-3
-        if any(bool(((t < -1e-4) | (t > top)).any()) for t in (a, b)):
+        top = 2.0 if stat == "entropy_norm" else PROB_MAX
+        if _outside(a, -1e-4, top) or _outside(b, -1e-4, top):
             raise InputError(f"{pair.layer_key}: its saved {stat} statistics lie outside [0, 1]; the run is damaged",
                              flag=FLAG, value=str(run.run_dir) if run is not None else pair.layer_key)
         g, h, nq = a.shape  # [G, heads, Nq]
@@ -270,7 +278,7 @@ def measure_light(run: CompareRun, pair: LayerPair, k: int) -> LayerResult:
         raise InputError(f"{pair.layer_key}: attention rows of shape {list(p.shape)} do not fit {pair.heads} heads",
                          flag=FLAG, value=str(run.run_dir))
     for half, rows in (("original", p), ("quantized", q)):  # NaN may be real (a model with NaN weights): kept
-        if bool((rows < 0).any()) or bool((rows > 1 + 1e-3).any()):
+        if _outside(rows, 0.0, PROB_MAX):
             raise InputError(f"{half}: the saved attention rows of {pair.layer_key} are not probabilities (values "
                              f"below 0 or above 1); the run is damaged", flag=FLAG, value=str(run.run_dir))
     return light_result(pair, p, q, k, saved_errors(run, pair), fa, qa)
