@@ -119,6 +119,7 @@ class SweepDir:
         self.flag = flag
         self._lock_fd: int | None = None
         self.manifest: dict = {}
+        self._parts: dict[str, dict | None] = {}  # shards read back this run (`read_part`)
 
     @classmethod
     def open(cls, path, identity: dict, flag: str = "--output-dir") -> "SweepDir":
@@ -227,12 +228,19 @@ class SweepDir:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+        self._parts.pop(key, None)
         if self.path not in layout.COMMITTED:
             layout.COMMITTED.append(self.path)  # an interrupted sweep keeps what it finished: the CLI says so
 
     def read_part(self, key: str) -> dict | None:
         """{"item": row dict, "heads": DataFrame, "attribution": DataFrame} of a finished shard, or None when
-        the shard is missing or does not read back as this tool wrote it."""
+        the shard is missing or does not read back as this tool wrote it (files, columns, their types, values
+        no measurement can take: `_impossible`). Read once per run (`finished`, then `assemble`)."""
+        if key not in self._parts:
+            self._parts[key] = self._read_part(key)
+        return self._parts[key]
+
+    def _read_part(self, key: str) -> dict | None:
         d = self.part_dir(key)
         if not d.is_dir() or d.is_symlink():
             return None
@@ -245,17 +253,27 @@ class SweepDir:
             log.warning("sweep: the result of item %s cannot be read back (%s); computing it again", key[:12],
                         type(exc).__name__)
             return None
-        ok = (len(item) == 1 and item["key"].iloc[0] == key and set(item.columns) <= set(schema["items"])
-              and {"status", "error"} <= set(item.columns)
-              and list(heads.columns) == list(schema["heads"]) and (heads["key"] == key).all()
-              and list(attribution.columns) == list(schema["attribution"]) and (attribution["key"] == key).all())
-        if not ok:
-            log.warning("sweep: the result of item %s is not a shard this tool wrote; computing it again", key[:12])
+        problem = None
+        if not (len(item) == 1 and set(item.columns) <= set(schema["items"]) and {"status", "error"} <= set(item.columns)
+                and list(heads.columns) == list(schema["heads"])
+                and list(attribution.columns) == list(schema["attribution"])):
+            problem = "its columns are not this tool's"
+        else:
+            try:  # the types this tool writes (a value that does not convert is not ours)
+                item = frame(item, {c: schema["items"][c] for c in item.columns})
+                heads, attribution = frame(heads, schema["heads"]), frame(attribution, schema["attribution"])
+            except (TypeError, ValueError, OverflowError) as exc:
+                problem = f"a column has the wrong type ({type(exc).__name__})"
+            else:
+                problem = _impossible(key, item, heads, attribution)
+        if problem:
+            log.warning("sweep: the result of item %s is not a shard this tool wrote (%s); computing it again",
+                        key[:12], problem)
             return None
         return {"item": item.iloc[0].to_dict(), "heads": heads, "attribution": attribution}
 
     def finished(self) -> set[str]:
-        """Keys whose shards say `ok` (failed items are tried again)."""
+        """Keys whose shards read back whole (`read_part`) and say `ok` (failed items are tried again)."""
         out = set()
         parts = self.path / PARTS
         if not parts.is_dir():
@@ -265,11 +283,8 @@ class SweepDir:
                 if d.name.startswith(".") and (".partial-" in d.name or ".old-" in d.name):
                     shutil.rmtree(d, ignore_errors=True)  # left by a killed sweep
                 continue
-            try:
-                status = pd.read_parquet(d / "item.parquet", columns=["status"], engine="pyarrow")["status"]
-            except Exception:  # noqa: BLE001 - unreadable: not finished
-                continue
-            if len(status) == 1 and status.iloc[0] == "ok":
+            part = self.read_part(d.name)
+            if part is not None and part["item"]["status"] == "ok":
                 out.add(d.name)
         return out
 
@@ -278,6 +293,51 @@ class SweepDir:
         from sam2_layerwise.store.atomic import atomic_write_bytes
 
         atomic_write_bytes(_parquet_bytes(df), self.path / name)
+
+
+# the values each measurement can take: a shard holding others was not written by this tool
+_UNIT = ("iou", "iou_mean", "iou_min", "iou_loss", "sign_agreement", "gt_iou_fp", "gt_iou_q", "baseline_iou",
+         "baseline_iou_mean", "js_mean", "js_p95", "js_max", "entropy_norm_fp", "entropy_norm_q", "topk_mass_fp",
+         "topk_mass_q", "topk_overlap", "q_mass_on_fp_topk", "js_undefined")
+_SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_delta")
+_NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
+                 "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
+                 "head", "call_index", "order")
+
+
+_SLACK = 1e-3  # float rounding (and entropies normalised by ln N of padded rows, up to 2: generate's check)
+
+
+def _bounds(column: str) -> tuple[float, float] | None:
+    top = 2.0 if "entropy" in column else 1.0
+    if column in _UNIT or (column.startswith("all_queries_") and not column.endswith("_delta")):
+        return -_SLACK, top + _SLACK
+    if column in _SIGNED_UNIT or column.startswith("all_queries_"):
+        return -top - _SLACK, top + _SLACK
+    if column in _NON_NEGATIVE or column.startswith("seconds_"):
+        return 0.0, float("inf")
+    return None
+
+
+def _impossible(key: str, item: pd.DataFrame, heads: pd.DataFrame, attribution: pd.DataFrame) -> str | None:
+    """Why a shard's values cannot be this tool's measurements, or None. Missing values (NaN) are allowed where a
+    measurement may have none; an ok item always has its masks' IoU."""
+    row = item.iloc[0]
+    if row["key"] != key or (heads["key"] != key).any() or (attribution["key"] != key).any():
+        return "it names another item"
+    if row["status"] not in ("ok", "failed"):
+        return f"status {_short(row['status'])}"
+    if row["status"] == "ok" and "iou" in item.columns and _missing(row["iou"]):
+        return "an ok item without its IoU"
+    for name, df in (("item", item), ("heads", heads), ("attribution", attribution)):
+        for col in df.columns:
+            lo_hi = _bounds(col)
+            if lo_hi is None or not len(df):
+                continue
+            values = pd.to_numeric(df[col], errors="coerce").astype("float64").dropna()
+            if not values.between(*lo_hi).all():
+                return f"{name} {col} outside [{lo_hi[0]:g}, {lo_hi[1]:g}]"
+    return None
 
 
 def _result_item_columns() -> tuple[str, ...]:

@@ -125,6 +125,46 @@ def test_resume_skips_finished_items_and_refuses_other_models(folder_sweep, tmp_
     assert (out / "sweep.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("damage", ["garbage heads", "width as text", "impossible js", "another item's key",
+                                    "ok without iou", "unknown status"])
+def test_resume_computes_damaged_shards_again(folder_sweep, tmp_path, damage, tiny_checkpoint, quant_checkpoints):
+    """A shard that does not read back as this tool wrote it (unreadable, wrong column types, values no
+    measurement takes, another item's result) is not a finished item: the resume computes it again, and the
+    tables come out as they were."""
+    _, done = folder_sweep
+    out = tmp_path / "resumed"
+    shutil.copytree(done, out)
+    inputs = json.loads((out / "sweep.json").read_text())["inputs"]["spec"]
+    before = pd.read_parquet(out / "items.parquet")
+    heads_before = pd.read_parquet(out / "heads.parquet")
+    ok_keys = list(before.loc[before["status"] == "ok", "key"])
+    part = out / "parts" / ok_keys[1]
+    item, heads = pd.read_parquet(part / "item.parquet"), pd.read_parquet(part / "heads.parquet")
+    if damage == "garbage heads":
+        (part / "heads.parquet").write_bytes(b"garbage\n")
+    elif damage == "width as text":
+        item["width"] = item["width"].astype(str) + " px"
+        item.to_parquet(part / "item.parquet")
+    elif damage == "impossible js":
+        heads.loc[0, "js_mean"] = -5.0
+        heads.to_parquet(part / "heads.parquet")
+    elif damage == "another item's key":
+        shutil.rmtree(part)
+        shutil.copytree(out / "parts" / ok_keys[0], part)
+    elif damage == "ok without iou":
+        item["iou"] = float("nan")
+        item.to_parquet(part / "item.parquet")
+    else:
+        item["status"] = "maybe"
+        item.to_parquet(part / "item.parquet")
+    report = run_api(sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", inputs, out, *ATTRIBUTE))
+    assert report["ran"] == 2 and report["skipped"] == 5  # the damaged item and the item that failed before
+    after = pd.read_parquet(out / "items.parquet")
+    timing = [c for c in after.columns if c.startswith("seconds")]
+    pd.testing.assert_frame_equal(before.drop(columns=timing), after.drop(columns=timing))
+    pd.testing.assert_frame_equal(heads_before, pd.read_parquet(out / "heads.parquet"))
+
+
 def test_resume_refusal_names_the_difference(folder_sweep, tmp_path, capsys, tiny_checkpoint, quant_checkpoints):
     _, done = folder_sweep
     inputs = json.loads((done / "sweep.json").read_text())["inputs"]["spec"]
