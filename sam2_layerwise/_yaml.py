@@ -152,7 +152,7 @@ def check_interpolations(data, *, limit: int, flag: str, value: str, error: type
         for part in path:
             if isinstance(node, dict) and part in node:
                 node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            elif isinstance(node, list) and part.isdecimal() and int(part) < len(node):
                 node = node[int(part)]
             else:
                 return None

@@ -83,7 +83,7 @@ class FrameInfo:
 
 def natural_key(name: str):
     """`frame_10.png` after `frame_2.png`: digit runs compare as numbers, the rest case-insensitively."""
-    return [(0, int(t), t) if t.isdigit() else (1, t.lower(), t) for t in re.split(r"(\d+)", name) if t]
+    return [(0, int(t), t) if t.isdecimal() else (1, t.lower(), t) for t in re.split(r"(\d+)", name) if t]
 
 
 class VideoSource:

@@ -122,7 +122,7 @@ def role_position(role: str, prompts) -> tuple[float, float] | None:
     """The original-pixel place a decoder prompt token stands for (pointN: click N; box_cornerK: box corner)."""
     if prompts is None:
         return None
-    if role.startswith("point") and role[5:].isdigit() and int(role[5:]) < len(prompts.points):
+    if role.startswith("point") and role[5:].isdecimal() and int(role[5:]) < len(prompts.points):
         p = prompts.points[int(role[5:])]
         return (p.x, p.y)
     if role.startswith("box_corner") and prompts.box:

@@ -76,7 +76,7 @@ def probe(address: str) -> None:
     """A TCP connection to host:port (plain or ray://), so an unreachable address fails fast and clearly."""
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdecimal():
         raise InputError("expects auto, host:port or ray://host:port", flag="--ray-address", value=address)
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=10):

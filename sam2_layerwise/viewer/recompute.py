@@ -12,6 +12,7 @@ like the precomputed ones (`viewer.export.map_entries`).
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections import OrderedDict
 
@@ -43,8 +44,11 @@ def _number(text, name: str) -> float:
     return v
 
 
+_WHOLE = re.compile(r"-?[0-9]{1,9}")
+
+
 def _whole(text, name: str) -> int:
-    if text is None or not str(text).strip().lstrip("-").isdigit() or len(str(text).strip()) > 9:
+    if text is None or not _WHOLE.fullmatch(str(text).strip()):
         raise BadRequest(f"{name} must be a whole number (got {str(text)[:40]!r})")
     return int(text)
 

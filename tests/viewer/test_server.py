@@ -131,6 +131,9 @@ BAD_QUERIES = [
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=3&x=1&y=1", "call indices"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=-1&x=1&y=1", "call indices"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=abc&x=1&y=1", "whole number"),
+    ("/api/query?layer=image_encoder_trunk_blocks_0&call=--1&x=1&y=1", "whole number"),
+    ("/api/query?layer=image_encoder_trunk_blocks_0&call=%C2%B2&x=1&y=1", "whole number"),  # a superscript 2
+    ("/api/prepare?layer=image_encoder_trunk_blocks_0&call=--5", "whole number"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=nan&y=1", "finite"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1e999&y=1", "finite"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1&y=abc", "number"),

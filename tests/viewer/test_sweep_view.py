@@ -193,6 +193,8 @@ def test_sweep_server_never_serves_outside_the_directory(trap):
     ("layer=image_encoder_trunk_blocks_0&head=99", "measured no head 99"),
     ("layer=image_encoder_trunk_blocks_0&head=-1", "measured no head -1"),
     ("layer=image_encoder_trunk_blocks_0&head=x", "head must be a whole number"),
+    ("layer=image_encoder_trunk_blocks_0&head=--1", "head must be a whole number"),
+    ("layer=image_encoder_trunk_blocks_0&head=0&n=--3", "n must be a whole number"),
     ("layer=image_encoder_trunk_blocks_0&head=0&call=7", "measured no head 0 of image_encoder_trunk_blocks_0 call 7"),
     ("layer=image_encoder_trunk_blocks_0&head=0&metric=iou", "metric must be one of"),
     ("layer=image_encoder_trunk_blocks_0&head=0&n=0", "n must be 1..1000"),
