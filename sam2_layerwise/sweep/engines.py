@@ -7,8 +7,10 @@ result as it arrives (`on_result`), so a sweep interrupted at any point keeps wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -87,6 +89,28 @@ def probe(address: str) -> None:
                          flag="--ray-address", value=address) from None
 
 
+@contextlib.contextmanager
+def keep_sigterm_handler(ray):
+    """While Ray starts: leave this process's own SIGTERM handler in place, when it has one (the CLI's, which
+    unwinds a run like Ctrl-C: exit 143, Ray shut down and finished items kept on the way out).
+
+    `ray.init` replaces it with handlers of its own (`sys.exit(15)`, and on a head node it starts, a drain that
+    can wait a minute before exiting 1, printing a stack dump), installed through `ray._private.utils`
+    (looked up when called, so a no-op stands in for it here); the handler is also put back afterwards."""
+    ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    setter = getattr(utils, "set_sigterm_handler", None)
+    if not callable(ours) or setter is None:
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = setter
+        signal.signal(signal.SIGTERM, ours)  # also over a handler Ray's native code installed behind Python's back
+
+
 def connect(ray, address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
     """Join the cluster at `address` ("auto": the one running on this machine) or start a local instance.
     Returns whether this call started Ray (and so should shut it down). Fails within CONNECT_TIMEOUT_S."""
@@ -95,7 +119,12 @@ def connect(ray, address: str | None, num_cpus: int | None, num_gpus: float | No
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     if address is None:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        with keep_sigterm_handler(ray):
+            try:
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            except BaseException:  # SIGTERM or Ctrl-C while Ray starts: what it started so far stops too
+                ray.shutdown()
+                raise
         return True
     t0 = time.monotonic()
     if address != "auto":
@@ -110,8 +139,9 @@ def connect(ray, address: str | None, num_cpus: int | None, num_gpus: float | No
             box["error"] = exc
 
     th = threading.Thread(target=init, daemon=True, name="ray-connect")
-    th.start()
-    th.join(max(1.0, CONNECT_TIMEOUT_S - (time.monotonic() - t0) - 1.0))
+    with keep_sigterm_handler(ray):
+        th.start()
+        th.join(max(1.0, CONNECT_TIMEOUT_S - (time.monotonic() - t0) - 1.0))
     if th.is_alive():
         raise InputError(f"no Ray cluster answered within {CONNECT_TIMEOUT_S:.0f} s; check the address (the head "
                          f"node's GCS port, 6379 by default) or omit --ray-address to start a local Ray instance",

@@ -7,12 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from sam2_layerwise.cli.main import main
+from tests.conftest import REPO
 from tests.sweep.conftest import run_api, sweep_cmd
 
 ray = pytest.importorskip("ray")
@@ -78,3 +82,58 @@ def test_unreachable_ray_address_fails_fast(tmp_path, photos, tiny_checkpoint, q
     err = capsys.readouterr().err.strip()
     assert f"--ray-address 127.0.0.1:{port}: cannot reach a Ray cluster there" in err and err.count("\n") == 0
     assert not out.exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        todo.extend(kids - out)
+        out |= kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_a_ray_sweep_like_ctrl_c(tmp_path, photos, tiny_checkpoint, quant_checkpoints):
+    """SIGTERM to a sweep on a Ray instance it started: exit 143 with the one-line message (Ray's own handlers
+    would exit 15 or 1, after a drain, with a native stack dump), every Ray process it started gone, finished
+    items kept, and a resume finishes the rest."""
+    out = tmp_path / "out"
+    argv = sweep_cmd(tiny_checkpoint, quant_checkpoints, "w8a8", photos, out, "--engine", "ray", "--num-workers", "1")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sam2_layerwise.cli.main", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "parts").is_dir() or not any(p.name[0] != "." for p in (out / "parts").iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    started = _descendants(proc.pid)
+    assert started  # Ray's processes (GCS, raylet, the worker)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "terminated (SIGTERM)" in lines[-1] and "SIGTERM received" not in err, err
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in started if _alive(p)]
+    kept = {p.name for p in (out / "parts").iterdir()}
+    report = run_api(argv[:-4])  # on the local engine: the finished items are not run again
+    assert report["skipped"] == len(kept) >= 1 and report["ok"] == 6
