@@ -208,12 +208,22 @@ def _open_directory(p: Path, sel: FrameSelection, max_pixels: int, flag: str) ->
     return VideoSource(p, "directory", frames, size[0], size[1], len(files), sel, [files[n] for n in picked])
 
 
+def _past_the_end(sel: FrameSelection, what: str, total: int) -> InputError:
+    """`--frames A:B` that names frames the input does not have (A, or B of an explicit range)."""
+    end = "starts" if sel.start >= total else "ends"
+    frame = sel.start if sel.start >= total else sel.stop
+    hint = f"; {sel.start}: runs to the last frame" if end == "ends" else ""
+    return InputError(f"{end} at frame {frame}, but {what} has {total} frames (0..{total - 1}){hint}",
+                      flag="--frames", value=f"{sel.start}:{'' if sel.stop is None else sel.stop}")
+
+
 def _pick(total: int, sel: FrameSelection, flag: str, p: Path) -> list[int]:
-    if sel.start >= total:
-        raise InputError(f"starts at frame {sel.start}, but {p.name} has {total} frames (0..{total - 1})",
-                         flag="--frames", value=f"{sel.start}:{'' if sel.stop is None else sel.stop}")
     picked = [n for n in range(sel.start, total if sel.stop is None else min(total, sel.stop + 1), sel.stride)]
-    return picked[:sel.max_frames] if sel.max_frames else picked
+    if sel.max_frames:
+        picked = picked[:sel.max_frames]
+    if sel.start >= total or (sel.stop is not None and sel.stop >= total and picked[-1] + sel.stride >= total):
+        raise _past_the_end(sel, p.name, total)  # (max frames taken before the end: B was never needed)
+    return picked
 
 
 def display_turns(frame) -> int:
@@ -292,11 +302,11 @@ def _open_file(p: Path, sel: FrameSelection, max_pixels: int, flag: str) -> Vide
                 raise InputError(f"cannot decode {where} ({codec or 'unknown'} codec): {condense(exc)}", flag=flag,
                                  value=str(p)) from None
         total = n + 1 if (sel.stop is None and not (want and len(files) >= want)) else None
-        if not files:
-            if n < 0:
-                raise InputError(f"no frame could be decoded ({codec or 'unknown'} codec)", flag=flag, value=str(p))
-            raise InputError(f"starts at frame {sel.start}, but the video has {n + 1} frames (0..{n})",
-                             flag="--frames", value=f"{sel.start}:{'' if sel.stop is None else sel.stop}")
+        if not files and n < 0:
+            raise InputError(f"no frame could be decoded ({codec or 'unknown'} codec)", flag=flag, value=str(p))
+        ended = not (want and len(files) >= want) and (sel.stop is None or n < sel.stop)  # decoded to the end
+        if not files or (ended and sel.stop is not None):
+            raise _past_the_end(sel, "the video", n + 1)
         h, w = first_shape[:2]
         frames = [FrameInfo(i, s, f"frame {s}") for i, s in enumerate(source)]
         return VideoSource(p, "file", frames, w, h, total, sel, files, cache_dir=cache, fps=fps, codec=codec,

@@ -8,7 +8,7 @@ from PIL import Image
 
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.frames import FrameSelection, natural_key, open_video, parse_frame_range, resolve_prompt_frame
-from tests.video.conftest import H, W, crops, write_frames
+from tests.video.conftest import H, W, crops, write_frames, write_mp4
 
 
 def test_natural_order():
@@ -56,3 +56,23 @@ def test_video_file_selection(video_mp4):
     assert not cache.exists()  # the decoded frames are removed on close
     with open_video(video_mp4, FrameSelection(max_frames=2)) as src:
         assert len(src) == 2
+
+
+@pytest.mark.parametrize("spec, stride, most, want", [
+    ("1:4", 1, None, [1, 2, 3, 4]), ("0:", 2, None, [0, 2, 4]), ("1:9", 1, 2, [1, 2]), ("0:9", 3, 1, [0]),
+    ("1:9", 1, None, "ends at frame 9"), ("0:5", 2, None, "ends at frame 5"), ("4:9", 1, 3, "ends at frame 9"),
+    ("5:", 1, None, "starts at frame 5"), ("6", 1, None, "starts at frame 6")])
+def test_selection_inside_the_input(tmp_path, spec, stride, most, want):
+    """`--frames A:B` names source frames: B past the last one is an error, unless --max-frames is reached
+    first (the same for a folder and a video file)."""
+    d = write_frames(tmp_path / "f", crops(5))
+    mp4 = write_mp4(tmp_path / "clip.mp4", crops(5))
+    start, stop = parse_frame_range(spec)
+    sel = FrameSelection(start=start, stop=stop, stride=stride, max_frames=most)
+    for src in (d, mp4):
+        if isinstance(want, str):
+            with pytest.raises(InputError, match=rf"--frames \S+: {want}, but .* has 5 frames"):
+                open_video(src, sel)
+        else:
+            with open_video(src, sel) as video:
+                assert [f.source_index for f in video.frames] == want
