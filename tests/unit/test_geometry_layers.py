@@ -20,6 +20,28 @@ def test_frame_scales_axes_separately():
     assert f.token_box(0, 0, 64, 64) == [0.0, 0.0, 10.0, 7.5]  # 16 input px = 10 px wide, 7.5 px high
 
 
+def test_click_on_a_token_edge_is_in_the_token_that_starts_there():
+    """x = 49 on a 98-pixel image is input pixel 64.0 of 128, the first pixel of token 16 of 32 (rounding
+    128 / 98 first gave 63.99999999999999, token 15)."""
+    f = ImageFrame(orig_w=98, orig_h=392, image_size=128)
+    assert f.token_at(49, 196, 32, 32) == (16, 16)
+    assert f.token_box(16, 16, 32, 32) == [49.0, 196.0, 52.0625, 208.25]
+    assert f.token_at(48.999, 195.999, 32, 32) == (15, 15)
+
+
+@pytest.mark.parametrize("size, grid", [(1024, 64), (1024, 256), (128, 32), (1008, 72)])
+def test_every_whole_pixel_lies_in_the_box_of_its_token(size, grid):
+    """For every width up to 400 and every whole pixel x: the token is floor(x * grid / width) exactly, and
+    its pixel box holds x (the box's left edge is x itself when x starts the token)."""
+    for width in range(1, 401):
+        f = ImageFrame(orig_w=width, orig_h=width, image_size=size)
+        for x in range(width):
+            row, col = f.token_at(x, x, grid, grid)
+            assert row == col == x * grid // width, (width, x)
+            x0, _, x1, _ = f.token_box(row, col, grid, grid)
+            assert x0 <= x < x1, (width, x, x0, x1)
+
+
 @pytest.mark.parametrize("h, w, window", [(70, 70, 14), (64, 64, 14), (32, 32, 7), (10, 12, 4)])
 def test_key_cells_follow_window_partition(h, w, window):
     """key_cell(group, j) agrees with SAM 2's own window_partition for padded grids too."""
