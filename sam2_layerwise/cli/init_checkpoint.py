@@ -21,7 +21,7 @@ def run(args) -> int:
     from sam2_layerwise.store.layout import check_output_file
 
     setup_logging(args.quiet)
-    out = check_output_file(args.output, "--output")
+    out = check_output_file(args.output, "--output", inputs={"--config": args.config})
     loaded = build_model(args.config, random_init=True, seed=args.seed, device="cpu")
     save_checkpoint(loaded.model, out)
     logging.getLogger(__name__).info("wrote random-weight checkpoint (seed %d, %s) to %s", args.seed,

@@ -120,9 +120,11 @@ def run(args) -> int:
 
     setup_logging(args.quiet)
     qcfg = load_qat_flag(args)
-    out = check_output_file(args.output, "--output")  # before calibration, not after it
-    parent = out.parent
     files = calibration_files(args.calib_images, args.max_calib_images)
+    out = check_output_file(args.output, "--output", inputs={  # before calibration, not after it
+        "--checkpoint": args.checkpoint, "--config": args.config, "--adaptive-qat-config": args.adaptive_qat_config,
+        "--calib-images": files})
+    parent = out.parent
     images = [load_image(f, flag="--calib-images", max_pixels=args.max_pixels) for f in files]
 
     t0 = time.perf_counter()

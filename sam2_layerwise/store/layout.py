@@ -10,6 +10,7 @@ killed process is removed by the next run over the same directory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -18,6 +19,7 @@ import re
 import shutil
 import signal
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,9 +157,33 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir", kind: RunKind
     return p
 
 
-def check_output_file(path: str | Path, flag: str = "--output") -> Path:
-    """`check_location` for a single output file (a checkpoint)."""
-    return check_location(path, flag, directory=False)
+def check_output_file(path: str | Path, flag: str = "--output", inputs: dict[str, object] | None = None) -> Path:
+    """`check_location` for a single output file (a checkpoint). An existing file is replaced only when it is a
+    checkpoint (a torch archive), never one of `inputs` ({flag: path or list of paths}), so a mistyped name
+    cannot overwrite a photograph, a config or the model the command reads."""
+    p = check_location(path, flag, directory=False)
+    if not p.exists():
+        return p
+    for other, values in (inputs or {}).items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            same = False
+            with contextlib.suppress(OSError, TypeError, ValueError):
+                same = value is not None and os.path.samefile(p, Path(value).expanduser())
+            if same:
+                raise InputError(f"is also {other}; write the result to a new file", flag=flag, value=str(path))
+    if not _torch_archive(p):
+        raise InputError("exists and is not a checkpoint; give a new file name (an existing checkpoint may be "
+                         "replaced, nothing else)", flag=flag, value=str(path))
+    return p
+
+
+def _torch_archive(p: Path) -> bool:
+    """Whether `p` is a file `torch.save` wrote (a zip archive holding `<name>/data.pkl`)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 # -- staging folders left behind ---------------------------------------------------------------------------

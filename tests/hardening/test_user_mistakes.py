@@ -74,6 +74,37 @@ def test_seed_out_of_range(capsys, tmp_path, tiny_checkpoint, seed, reason):
     assert tree(tmp_path) == {}
 
 
+def test_output_file_never_replaces_anything_but_a_checkpoint(capsys, tmp_path, tiny_checkpoint):
+    """--output of quantize and init-checkpoint: a photograph, a config or the command's own input checkpoint
+    is refused (exit 2, one line) and stays byte-identical; an existing checkpoint is replaced."""
+    import shutil
+
+    photo, cfg, ckpt = tmp_path / "photo.png", tmp_path / "model.yaml", tmp_path / "float.pt"
+    shutil.copy(CHELSEA, photo)
+    shutil.copy(TINY_CONFIG, cfg)
+    shutil.copy(tiny_checkpoint, ckpt)
+    (tmp_path / "notes.pt").write_text("my notes\n")
+    before = tree(tmp_path)
+
+    def quantize(output):
+        return cli(capsys, "quantize", "--config", TINY_CONFIG, "--checkpoint", ckpt, "--adaptive-qat-config",
+                   EXAMPLES / "w8a8.yaml", "--calib-images", photo, "--output", output, "-q")
+
+    for output, needle in ((photo, "is also --calib-images"), (ckpt, "is also --checkpoint"),
+                           (tmp_path / "notes.pt", "exists and is not a checkpoint")):
+        code, err = quantize(output)
+        one_error(code, err, "quantize", f"--output {output}: {needle}")
+    for output, needle in ((cfg, "is also --config"), (photo, "exists and is not a checkpoint")):
+        code, err = cli(capsys, "init-checkpoint", "--config", cfg, "--output", output, "-q")
+        one_error(code, err, "init-checkpoint", f"--output {output}: {needle}")
+    assert tree(tmp_path) == before
+    # a checkpoint (this tool's, or any torch archive) may be replaced
+    out = tmp_path / "q.pt"
+    shutil.copy(ckpt, out)
+    assert quantize(out)[0] == 0 and tree(tmp_path)["q.pt"] != before["float.pt"]
+    assert cli(capsys, "init-checkpoint", "--config", TINY_CONFIG, "--output", out, "--seed", "3", "-q")[0] == 0
+
+
 @pytest.mark.parametrize("size, reason", [(str(10**9), "between 32 and 4096"), ("4128", "between 32 and 4096"),
                                           ("100", "multiple of 32"), ("0", "greater than 0"), ("-32", "greater than 0")])
 def test_absurd_image_size_refused_before_the_model_is_built(visualize, monkeypatch, size, reason):
