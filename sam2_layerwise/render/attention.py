@@ -87,8 +87,12 @@ class RenderResult:
 
 # -- drawing ------------------------------------------------------------------------------------------
 def _outline(draw: ImageDraw.ImageDraw, box, color, width: int = 2, edge: bool = True) -> None:
-    """A rectangle outline [x0, y0, x1, y1) drawn just outside `box`, with a thin black edge around it."""
-    x0, y0, x1, y1 = box
+    """A rectangle outline [x0, y0, x1, y1) drawn just outside `box`, with a thin black edge around it. The box
+    is clipped to just beyond the picture first (a box read back from a damaged run may hold any number)."""
+    w, h = draw.im.size
+    pad = width + 2
+    x0, x1 = (min(max(v, -pad), w + pad) for v in box[0::2])
+    y0, y1 = (min(max(v, -pad), h + pad) for v in box[1::2])
     for i in range(width):
         draw.rectangle([x0 - 1 - i, y0 - 1 - i, x1 + i, y1 + i], outline=color)
     if edge:

@@ -113,14 +113,18 @@ def _kind(v) -> str:
     return f"{type(v).__name__} {text[:40]}{'...' if len(text) > 40 else ''}" if v is not None else "null"
 
 
-def _check_query(c: _Summary, q, where: str) -> dict:
-    """A selected query: label, group, index, and its places on the grids (each null where it has none)."""
+def _check_query(c: _Summary, q, where: str, size: tuple[int, int]) -> dict:
+    """A selected query: label, group, index, and its places on the grids (each null where it has none); its
+    pixel box lies on the photograph (`size`: width, height)."""
     c.dict(q, where)
     c.str(c.get(q, "label", where), f"{where}.label")
     c.int(c.get(q, "group", where), f"{where}.group")
     c.int(c.get(q, "index", where), f"{where}.index")
     c.optional(q.get("cell"), c.ints, f"{where}.cell", 2)
-    c.optional(q.get("pixel_box"), c.nums, f"{where}.pixel_box", 4)
+    box = c.optional(q.get("pixel_box"), c.nums, f"{where}.pixel_box", 4)
+    if box is not None and not (0 <= box[0] < box[2] <= size[0] * (1 + 1e-9) and
+                                0 <= box[1] < box[3] <= size[1] * (1 + 1e-9)):
+        raise c.fail(f"{where}.pixel_box {[round(v, 3) for v in box]} is not a box on the {size[0]}x{size[1]} image")
     for key in ("key_block", "source_cells"):
         block = c.optional(q.get(key), c.ints, f"{where}.{key}", 4, 0, MAX_GRID)
         if block is not None and not (block[0] < block[1] and block[2] < block[3]):
@@ -186,7 +190,7 @@ def _check_segments(c: _Summary, geo: dict, where: str) -> None:
                 raise c.fail(f"{w}.grid_hw {gh}x{gw} does not hold its {stop - start} keys")
 
 
-def _check_entry(c: _Summary, e, i: int) -> None:
+def _check_entry(c: _Summary, e, i: int, size: tuple[int, int]) -> None:
     """One attention entry: the fields rendering reads, with their types (docs/summary_schema.md)."""
     where = f"attention[{i}]"
     c.dict(e, where)
@@ -199,7 +203,7 @@ def _check_entry(c: _Summary, e, i: int) -> None:
     c.optional(e.get("keys_per_group"), c.int, f"{where}.keys_per_group")
     _check_geometry(c, c.get(e, "geometry", where), kind, f"{where}.geometry")
     for j, q in enumerate(c.list(c.get(e, "queries", where), f"{where}.queries")):
-        _check_query(c, q, f"{where}.queries[{j}]")
+        _check_query(c, q, f"{where}.queries[{j}]", size)
     files = c.dict(e.get("files", {}), f"{where}.files")
     for key in ("attn", "qkv"):
         c.optional(files.get(key), c.str, f"{where}.files.{key}")
@@ -239,7 +243,7 @@ def check_summary(summary, run_dir: Path, flag: str = "--run-dir") -> None:
     c.optional(options.get("max_attn_queries"), c.int, "capture_options.max_attn_queries", 1)
     c.dict(summary.get("files", {}), "files")
     for i, e in enumerate(c.list(c.get(summary, "attention", ""), "attention")):
-        _check_entry(c, e, i)
+        _check_entry(c, e, i, (fr["orig_w"], fr["orig_h"]))
 
 
 def open_run(run_dir: str | Path, flag: str = "--run-dir") -> SavedRun:
@@ -448,7 +452,7 @@ def saved_views(run: SavedRun) -> list[RecordView]:
             continue
         queries = (attn or qkv).get("queries") or entry["queries"]
         for j, q in enumerate(c.list(queries, f"{where} queries")):
-            _check_query(c, q, f"{where} queries[{j}]")
+            _check_query(c, q, f"{where} queries[{j}]", (run.frame.orig_w, run.frame.orig_h))
         _check_tensors(run, entry, attn, qkv, queries, where)
         if attn is not None:
             probs, pooling = attn["probs"], attn.get("key_pooling")

@@ -79,6 +79,9 @@ def test_the_untouched_copy_renders(capsys, run_copy):
      ["attention[0].queries[0].key_block [8, 0, 0, 8] is empty or reversed"]),
     (lambda s: s["attention"][ENTRY].update(files=None), ["attention[0].files is null"]),
     (lambda s: s["attention"][ENTRY]["files"].update(attn=["a.pt"]), ["attention[0].files.attn is list"]),
+    (lambda s: s["attention"][ENTRY]["queries"][0].update(pixel_box=[0, 0, 1e20, 1e20]),
+     ["attention[0].queries[0].pixel_box", "is not a box on the 451x300 image"]),
+    (lambda s: s["attention"][ENTRY]["queries"][0].update(pixel_box=[50, 10, 40, 20]), ["is not a box on the"]),
     (lambda s: s["prompts"].update(points=[[1, 2]]), ["prompts.points[0] has 2 items, expected 3"]),
     (lambda s: s["prompts"].update(points=[[1, 2, 5]]), ["prompts.points[0] has label 5"]),
     (lambda s: s["prompts"].update(box=[1, 2, 3, float("nan")]), ["prompts.box[3]", "expected a finite number"]),
@@ -145,6 +148,8 @@ def test_a_deleted_tensor_file_is_named(capsys, run_copy):
     (lambda t: {**t, "probs": torch.zeros(2, 7, 64)}, "probs is [2, 7, 64], expected [1 queries, 1 heads, keys]"),
     (lambda t: {**t, "key_pooling": {"factor": 0}}, "key_pooling is dict"),
     (lambda t: [t["probs"]], "holds list"),
+    (lambda t: {**t, "queries": [{**t["queries"][0], "pixel_box": [-1e20, 0, 1e20, 10]}]},
+     "queries[0].pixel_box [-1e+20, 0.0, 1e+20, 10.0] is not a box on the 451x300 image"),
 ])
 def test_attention_tensor_files_that_are_not_what_the_summary_says(capsys, run_copy, payload, needle):
     rel = _summary(run_copy)["attention"][ENTRY]["files"]["attn"]
