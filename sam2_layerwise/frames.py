@@ -149,8 +149,9 @@ class VideoSource:
         return h.hexdigest()
 
     def describe(self) -> dict:
-        """The summary's `video` section."""
-        return {"path": str(self.path), "kind": self.kind, "width": self.width, "height": self.height,
+        """The summary's `video` section (the path absolute, as typed otherwise: `render` finds the frames from
+        any working directory)."""
+        return {"path": os.path.abspath(self.path), "kind": self.kind, "width": self.width, "height": self.height,
                 "source_frames": self.total, "selection": self.selection.to_dict(), "frames": len(self.frames),
                 "fps": self.fps, "codec": self.codec, "rotation": self.rotation}
 

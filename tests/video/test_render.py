@@ -70,3 +70,19 @@ def test_render_names_missing_or_mismatched_frames(saved_run, tmp_path, frames_d
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len([ln for ln in err if "error" in ln]) == 1 and needle in err[-1], err
         assert _summary(saved_run) == before
+
+
+def test_a_run_made_from_a_relative_video_path_renders_from_anywhere(tmp_path, tiny_checkpoint, frames_dir,
+                                                                      monkeypatch, capsys):
+    """The summary keeps the video's absolute path (as typed otherwise), as image runs keep the image's."""
+    shutil.copytree(frames_dir, tmp_path / "clip")
+    monkeypatch.chdir(tmp_path)
+    code = main(["visualize", "--config", TINY_CONFIG, "--checkpoint", str(tiny_checkpoint), "--video", "clip",
+                 "--points", "230", "150", "1", "--max-frames", "2", "--save-attn", "--layers", "memory_attention*",
+                 "--output-dir", "run", "-q"])
+    assert code == 0, capsys.readouterr().err
+    s = _summary(tmp_path / "run")
+    assert s["video"]["path"] == str(tmp_path / "clip")
+    monkeypatch.chdir("/")
+    code = main(["render", "--run-dir", str(tmp_path / "run"), "--attn-overlay-only", "-q"])
+    assert code == 0, capsys.readouterr().err
