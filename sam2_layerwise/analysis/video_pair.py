@@ -148,7 +148,7 @@ def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, a
     mode = "full" if full else "light"
     out_opts = OutputOptions(save_attn=True, save_qkv=True, max_tokens=1 << 62, prediction_images=True,
                              save_full=FULL_DTYPES[args.full_dtype] if full else None)
-    video_info = {"path": None, "video": str(source.path), "sha256": source.sha256(), "width": source.width,
+    video_info = {"path": None, "video": source.describe()["path"], "sha256": source.sha256(), "width": source.width,
                   "height": source.height}
     command = ["sam2-layerwise", *getattr(args, "argv", [])]
     owned = cr.owned_entries(out_dir, cr.MANIFEST, *cr.HALVES, cr.ANALYSIS)
