@@ -480,13 +480,24 @@ def rerender_writer(run_dir: Path) -> RunWriter:
     return RunWriter(run_dir, owned=(layout.SUMMARY, *RENDER_DIRS), flag="--run-dir")
 
 
+def extra_locations(views: list[RecordView], points) -> list[tuple[str, float, float]]:
+    """`--query-points` as labelled places (extra0, extra1, ...); they are recomputed from saved q/k, so a run
+    that saved none is refused rather than drawn without them."""
+    extra = [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(points)]
+    if extra and not any(v.qkv is not None for v in views):
+        raise InputError("new places are recomputed from saved q/k, and this run saved attention rows only "
+                         "(capture with --save-qkv)", flag="--query-points",
+                         value=" ".join(f"{x:g} {y:g}" for _, x, y in extra))
+    return extra
+
+
 def rerender(run: SavedRun, photo: np.ndarray | None, plan: RenderPlan, *, extra_points=()) -> dict:
     """Draw the saved run again into its own directory; returns the updated summary."""
     views = saved_views(run)
     if not views:
         raise InputError("holds no saved attention tensors (capture with --save-attn and/or --save-qkv)",
                          flag="--run-dir", value=str(run.run_dir))
-    extra = [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
+    extra = extra_locations(views, extra_points)
     # without --max-attn-queries: the saved queries plus the extra points, not the run's uncaptured places
     locations = (run.locations if plan.maps.max_queries is not None else []) + extra
     summary = run.summary

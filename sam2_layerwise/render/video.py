@@ -362,7 +362,7 @@ def rerender_video(run, plan, *, video: str | None = None, max_pixels: int | Non
     on their source frames, panels, charts, top-k); returns the updated summary. Never loads the model."""
     from sam2_layerwise.errors import InputError
     from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
-    from sam2_layerwise.render.saved import RENDER_DIRS, saved_views
+    from sam2_layerwise.render.saved import RENDER_DIRS, extra_locations, saved_views
     from sam2_layerwise.store.atomic import atomic_write_json
     from sam2_layerwise.store.layout import RunWriter
 
@@ -376,7 +376,7 @@ def rerender_video(run, plan, *, video: str | None = None, max_pixels: int | Non
     prompt_frame = int(frames.get("prompt_frame", 0) or 0)
     source = (open_saved_frames(run, video, max_pixels or DEFAULT_MAX_PIXELS) if plan.draw.overlays
               else _NoFrames(run.frame.orig_w, run.frame.orig_h))
-    extra = [(f"extra{i}", float(x), float(y)) for i, (x, y) in enumerate(extra_points)]
+    extra = extra_locations(views, extra_points)
     owned = (layout.SUMMARY, *RENDER_DIRS, layout.MEMORY_CHARTS)
     try:
         with RunWriter(run.run_dir, owned=owned, flag="--run-dir") as writer:

@@ -215,3 +215,15 @@ def test_queries_in_the_tensor_file_are_checked_too(capsys, run_copy):
     data["queries"][0]["index"] = "7"
     torch.save(data, run_copy / rel)
     _render_refuses(capsys, run_copy, "queries[0].index is str")
+
+
+def test_query_points_need_saved_qkv(capsys, run_copy):
+    """--query-points are recomputed from saved q/k: a run that saved attention rows only refuses them (it drew
+    without them before, silently)."""
+    summary = _summary(run_copy)
+    for entry in summary["attention"]:
+        (entry.get("files") or {}).pop("qkv", None)
+    _write(run_copy, summary)
+    line = _render_refuses(capsys, run_copy, "--query-points 100 100:", "saved attention rows only",
+                           extra=("--query-points", "100", "100"), flag="--query-points")
+    assert "--save-qkv" in line
