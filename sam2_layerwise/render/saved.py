@@ -280,7 +280,7 @@ def load_photo(run: SavedRun, override: str | None = None, max_pixels: int = DEF
     own file, so it may lie outside the run; it must be an image (`load_image`)."""
     if override is None and (run.image_path is None or not run.image_path.is_file()):
         raise InputError(f"the photograph this run names is missing ({run.image_path}); pass --image PATH",
-                         flag="--image")
+                         flag="--run-dir", value=str(run.run_dir))
     path = Path(override) if override is not None else run.image_path
     photo = load_image(path, flag="--image", max_pixels=max_pixels)
     h, w = photo.shape[:2]

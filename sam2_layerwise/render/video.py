@@ -336,8 +336,11 @@ def open_saved_frames(run, override: str | None, max_pixels: int):
 
     vid = run.summary.get("video") or {}
     path = override or vid.get("path")
+    # frames given with --video are the user's; frames the summary names are the run's (--run-dir)
+    flag, value = ("--video", path) if override is not None else ("--run-dir", str(run.run_dir))
+    moved = "" if override is not None else "; pass --video PATH if the frames moved"
     if not isinstance(path, str) or not path:
-        raise InputError("the run names no video; pass --video PATH", flag="--video")
+        raise InputError("the run names no video; pass --video PATH", flag=flag, value=value)
     sel = vid.get("selection") or {}
     try:
         selection = FrameSelection(start=int(sel.get("start", 0)), stop=None if sel.get("stop") is None else
@@ -346,14 +349,20 @@ def open_saved_frames(run, override: str | None, max_pixels: int):
     except (TypeError, ValueError):
         raise InputError("video.selection in the summary is malformed", flag="--run-dir", value=str(run.run_dir)) from None
     if not Path(path).exists() and override is None:
-        raise InputError(f"the video this run names is missing ({path}); pass --video PATH", flag="--video")
-    source = open_video(path, selection, max_pixels=max_pixels)
+        raise InputError(f"the video this run names is missing ({path}); pass --video PATH", flag=flag, value=value)
+    try:
+        source = open_video(path, selection, max_pixels=max_pixels)
+    except InputError as exc:
+        if override is not None:
+            raise
+        raise InputError(f"the video this run names ({path}): {exc.detail}{moved}", flag=flag, value=value) from None
     want = [(f.get("source_index"), f.get("name")) for f in (run.summary.get("frames") or {}).get("list", [])]
     got = [(f.source_index, f.name) for f in source.frames]
     if got != want or (source.width, source.height) != (run.frame.orig_w, run.frame.orig_h):
         source.close()
-        raise InputError(f"holds frames {got[:6]} of {source.width}x{source.height}; the run was captured on frames "
-                         f"{want[:6]} of {run.frame.orig_w}x{run.frame.orig_h}", flag="--video", value=path)
+        where = "" if override is not None else f"the video this run names ({path}) "
+        raise InputError(f"{where}holds frames {got[:6]} of {source.width}x{source.height}; the run was captured on "
+                         f"frames {want[:6]} of {run.frame.orig_w}x{run.frame.orig_h}{moved}", flag=flag, value=value)
     return source
 
 

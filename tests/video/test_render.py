@@ -86,3 +86,17 @@ def test_a_run_made_from_a_relative_video_path_renders_from_anywhere(tmp_path, t
     monkeypatch.chdir("/")
     code = main(["render", "--run-dir", str(tmp_path / "run"), "--attn-overlay-only", "-q"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_frames_the_summary_names_that_do_not_fit_blame_the_run(saved_run, tmp_path, capsys):
+    """Without --video the frames come from the run's own summary: a mismatch names --run-dir (the user gave no
+    --video) and says how to point at moved frames."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    s = _summary(run)
+    s["frames"]["list"] = []
+    (run / "layerwise_summary.json").write_text(json.dumps(s))
+    code = main(["render", "--run-dir", str(run), "--attn-overlay-only", "-q"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
+    assert code == 2 and len(err) == 1, err
+    assert f"--run-dir {run}: the video this run names" in err[0] and "pass --video PATH" in err[0], err
