@@ -7,14 +7,35 @@
     cap.record("image_encoder_trunk_blocks_5").probs   # [queries, heads, keys]
 """
 
-from sam2_layerwise.api import ImageCapture, capture_image, query_locations
-from sam2_layerwise.api_video import VideoCapture, capture_video
-from sam2_layerwise.capture import AttentionRecord, BlockRecord, CaptureOptions, QuerySpec, layer_key
-from sam2_layerwise.errors import LayerwiseError
-from sam2_layerwise.frames import FrameSelection, open_video
-from sam2_layerwise.inputs import Point, Prompts, load_image, parse_prompts
-from sam2_layerwise.model import LoadedModel, build_model
-from sam2_layerwise.model.predict import Prediction, run_plain
+import importlib
+
+# The public API, imported on first use (PEP 562): `import sam2_layerwise` and the command line's start do not pay
+# for torch and SAM 2 until a command needs them (`--help` answers at once, Ctrl-C while starting is clean).
+_EXPORTS = {
+    "sam2_layerwise.api": ("ImageCapture", "capture_image", "query_locations"),
+    "sam2_layerwise.api_video": ("VideoCapture", "capture_video"),
+    "sam2_layerwise.capture": ("AttentionRecord", "BlockRecord", "CaptureOptions", "QuerySpec", "layer_key"),
+    "sam2_layerwise.errors": ("LayerwiseError",),
+    "sam2_layerwise.frames": ("FrameSelection", "open_video"),
+    "sam2_layerwise.inputs": ("Point", "Prompts", "load_image", "parse_prompts"),
+    "sam2_layerwise.model": ("LoadedModel", "build_model"),
+    "sam2_layerwise.model.predict": ("Prediction", "run_plain"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sam2_layerwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __version__ = "0.1.0"
 

@@ -89,11 +89,14 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (one line, see Parser.error) and --help
         return int(exc.code or 0)
+    except KeyboardInterrupt:  # Ctrl-C while starting: nothing was begun
+        sys.stderr.write("sam2-layerwise: interrupted; nothing was changed\n")
+        return 130
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
