@@ -93,9 +93,15 @@ async def read_params(request: Request, names: tuple[str, ...]) -> dict:
     if request.method == "POST":
         if request.query_params:
             raise BadRequest("give the parameters in the JSON body or in the URL, not both")
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise BadRequest(f"the request body is larger than {MAX_BODY} bytes")
+        too_large = BadRequest(f"the request body is larger than {MAX_BODY} bytes")
+        declared = request.headers.get("content-length", "0")
+        if not declared.isascii() or not declared.isdigit() or int(declared) > MAX_BODY:
+            raise too_large
+        body = b""
+        async for chunk in request.stream():  # never more than the limit in memory, whatever the header said
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise too_large
         try:
             data = json.loads(body or b"{}")
         except (ValueError, RecursionError):

@@ -315,6 +315,27 @@ def test_posted_queries_are_checked_too(trap, body, words):
     assert status == 400 and words in answer["error"], answer
 
 
+def test_a_large_body_is_refused_before_it_is_read(trap):
+    """A declared Content-Length over the limit is answered at once (the body is never waited for), and a
+    chunked body is read only up to the limit."""
+    s, _ = trap
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    conn.putrequest("POST", "/api/query", skip_host=True)
+    conn.putheader("Host", f"127.0.0.1:{s.port}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(50 << 20))
+    conn.endheaders(b"{")  # 1 byte of the 50 MiB it announced
+    r = conn.getresponse()
+    assert r.status == 400 and "larger than" in json.loads(r.read())["error"]
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    conn.request("POST", "/api/query", body=iter([b"[" * 3000] * 3), encode_chunked=True,
+                 headers={"Host": f"127.0.0.1:{s.port}", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 400 and "larger than" in json.loads(r.read())["error"]
+    conn.close()
+
+
 def test_posted_query_answers_like_get(trap):
     s, _ = trap
     status, a = api(s, "/api/query", post=b'{"layer_key": "image_encoder_trunk_blocks_0", "call_index": 0, '
