@@ -44,6 +44,9 @@ def check_render_args(args) -> None:
     check_cmap(args.cmap)
     if args.topk_symlink and not args.topk_attn:
         raise InputError("needs --topk-attn K (K > 0)", flag="--topk-symlink")
+    if args.attn_overlay_only and args.render_attn:
+        raise InputError("asks for attention images, which --attn-overlay-only leaves out; give one of the two",
+                         flag="--render-attn")
 
 
 def render_plan(args, *, default_images: bool = False):

@@ -205,6 +205,12 @@ def test_topk_symlink_needs_topk(tmp_path, tiny_checkpoint, capsys):
     _one_error_line(capsys.readouterr().err, "--topk-symlink", "--topk-attn")
 
 
+def test_overlay_only_and_attention_images_conflict(tmp_path, tiny_checkpoint, capsys):
+    assert _visualize(tmp_path / "never", tiny_checkpoint, "--attn-overlay-only", "--render-attn") == 2
+    _one_error_line(capsys.readouterr().err, "--render-attn", "--attn-overlay-only")
+    assert not (tmp_path / "never").exists()
+
+
 def test_render_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
     assert main(["render", "--run-dir", str(tmp_path / "notarun")]) == 2
