@@ -85,6 +85,8 @@ def billion_laughs(levels: int = 9, width: int = 9) -> str:
 BOUNDED = r'''
 import json, resource, sys, time
 from sam2_layerwise.cli.main import main
+# what the commands import on first use (the package's API is lazy): loaded before the bound, as a run's imports
+import sam2.build_sam, sam2.sam2_image_predictor, sam2_layerwise.api, sam2_layerwise.quant, sam2_layerwise.store.image_run
 status = open("/proc/self/status").read()
 vm = int(status.split("VmSize:")[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + ({extra_mb} << 20), resource.RLIM_INFINITY))
