@@ -228,7 +228,8 @@ def write_video_run(writer, cap, source, *, model_info: dict, opts: OutputOption
     frames = sorted(cap.prediction.frames, key=lambda f: f.index)
     summary = build_summary(
         attention=cap.attention, blocks=cap.blocks, model=model_info,
-        image=image_info or {"path": None, "width": source.width, "height": source.height, "video": source.describe()["path"]},
+        image=image_info or {"path": None, "width": source.width, "height": source.height,
+                             "video": source.describe()["path"]},
         frame=cap.frame.to_dict(), prompts={**cap.prompts.to_dict(), "prompt_frame": cap.prompt_frame},
         capture_options=cap.options.to_dict(), output_options=opts.to_dict(),
         prediction={"file": layout.PREDICTIONS, "frames": len(frames), "layout": "frame axis (selected-frame order)",

@@ -303,8 +303,6 @@ _SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_del
 _NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
                  "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
                  "head", "call_index", "order")
-
-
 _SLACK = 1e-3  # float rounding (and entropies normalised by ln N of padded rows, up to 2: generate's check)
 
 
