@@ -57,6 +57,7 @@ class _Summary:
 
     def __init__(self, run_dir: Path, flag: str):
         self.run_dir, self.flag = run_dir, flag
+        self.last_frame = 1 << 40  # a video run's frame indices go up to its last tracked frame
 
     def fail(self, what: str) -> InputError:
         return InputError(f"{layout.SUMMARY} is malformed: {what}", flag=self.flag, value=str(self.run_dir))
@@ -183,7 +184,7 @@ def _check_segments(c: _Summary, geo: dict, where: str) -> None:
             raise c.fail(f"{w}.start is {start}, expected {at} (segments are contiguous from 0)")
         at = stop
         if seg["kind"] != "no_memory":
-            c.int(c.get(seg, "frame", w), f"{w}.frame", 0, 1 << 40)
+            c.int(c.get(seg, "frame", w), f"{w}.frame", 0, c.last_frame)
         if seg["kind"] == "memory":
             gh, gw = c.ints(c.get(seg, "grid_hw", w), f"{w}.grid_hw", 2, 1, MAX_GRID)
             if gh * gw != stop - start:
@@ -198,6 +199,7 @@ def _check_entry(c: _Summary, e, i: int, size: tuple[int, int]) -> None:
         raise c.fail(f"{where}.layer_key is empty")
     kind = c.str(c.get(e, "kind", where), f"{where}.kind")
     c.int(e.get("call_index", 0), f"{where}.call_index")
+    c.optional(e.get("frame"), c.int, f"{where}.frame", 0, c.last_frame)
     c.optional(e.get("file_stem"), c.str, f"{where}.file_stem")
     c.int(c.get(e, "heads", where), f"{where}.heads", 1, 1 << 12)
     c.optional(e.get("keys_per_group"), c.int, f"{where}.keys_per_group")
@@ -242,6 +244,17 @@ def check_summary(summary, run_dir: Path, flag: str = "--run-dir") -> None:
     options = c.dict(summary.get("capture_options") or {}, "capture_options")
     c.optional(options.get("max_attn_queries"), c.int, "capture_options.max_attn_queries", 1)
     c.dict(summary.get("files", {}), "files")
+    if summary.get("mode") == "video":
+        frames = c.dict(c.get(summary, "frames", ""), "frames")
+        tracked = c.list(c.get(frames, "list", "frames"), "frames.list")
+        if not tracked:
+            raise c.fail("frames.list is empty")
+        for i, f in enumerate(tracked):
+            c.int(c.get(c.dict(f, f"frames.list[{i}]"), "source_index", f"frames.list[{i}]"),
+                  f"frames.list[{i}].source_index", 0, 1 << 40)
+            c.str(c.get(f, "name", f"frames.list[{i}]"), f"frames.list[{i}].name")
+        c.last_frame = len(tracked) - 1
+        c.optional(frames.get("prompt_frame"), c.int, "frames.prompt_frame", 0, c.last_frame)
     for i, e in enumerate(c.list(c.get(summary, "attention", ""), "attention")):
         _check_entry(c, e, i, (fr["orig_w"], fr["orig_h"]))
 

@@ -94,9 +94,29 @@ def test_frames_the_summary_names_that_do_not_fit_blame_the_run(saved_run, tmp_p
     run = tmp_path / "run"
     shutil.copytree(saved_run, run)
     s = _summary(run)
-    s["frames"]["list"] = []
+    s["frames"]["list"][0]["name"] = "someone_else.png"
     (run / "layerwise_summary.json").write_text(json.dumps(s))
     code = main(["render", "--run-dir", str(run), "--attn-overlay-only", "-q"])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
     assert code == 2 and len(err) == 1, err
     assert f"--run-dir {run}: the video this run names" in err[0] and "pass --video PATH" in err[0], err
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s["frames"].update(list=[]), "frames.list is empty"),
+    (lambda s: s["frames"]["list"][0].update(source_index="0"), "frames.list[0].source_index is str"),
+    (lambda s: next(e for e in s["attention"] if e["kind"] == "memory_cross").update(frame=10**9),
+     ".frame is 1000000000, expected 0..3"),
+    (lambda s: next(e for e in s["attention"] if e["kind"] == "memory_cross")["geometry"]["key_segments"][0]
+     .update(frame=7), "key_segments[0].frame is 7, expected 0..3"),
+])
+def test_frame_indices_outside_the_run_are_named(saved_run, tmp_path, capsys, edit, needle):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    s = _summary(run)
+    edit(s)
+    (run / "layerwise_summary.json").write_text(json.dumps(s))
+    code = main(["render", "--run-dir", str(run), "--render-attn", "-q"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
+    assert code == 2 and len(err) == 1 and f"--run-dir {run}: layerwise_summary.json is malformed" in err[0], err
+    assert needle in err[0], err
