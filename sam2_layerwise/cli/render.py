@@ -6,7 +6,7 @@ import logging
 
 from sam2_layerwise.cli.common import positive_int, setup_logging
 from sam2_layerwise.errors import InputError
-from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
+from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, check_inside
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -78,9 +78,7 @@ def query_points(values, width: int, height: int) -> list[tuple[float, float]]:
         raise InputError("expects numbers", flag="--query-points", value=list(values)) from None
     pts = list(zip(nums[0::2], nums[1::2]))
     for x, y in pts:
-        if not (0 <= x < width and 0 <= y < height):
-            raise InputError(f"({x:g}, {y:g}) is outside the {width}x{height} image", flag="--query-points",
-                             value=list(values))
+        check_inside(x, y, width, height, "--query-points", list(values))
     return pts
 
 
