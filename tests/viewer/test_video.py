@@ -337,7 +337,7 @@ def test_a_call_naming_no_frame_is_refused(video_runs, tmp_path, capsys):
     run = _edited_copy(video_runs["light"], tmp_path / "run", edit)
     assert main(["generate", "--run_dir", str(run), "-q"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and "--run_dir" in err[0] and "names no frame" in err[0], err
+    assert len(err) == 1 and "--run_dir" in err[0] and "attention[3].frame is 7, expected 0..3" in err[0], err
     assert not (run / "analysis").exists()
 
 
