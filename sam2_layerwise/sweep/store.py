@@ -298,7 +298,7 @@ class SweepDir:
 # the values each measurement can take: a shard holding others was not written by this tool
 _UNIT = ("iou", "iou_mean", "iou_min", "iou_loss", "sign_agreement", "gt_iou_fp", "gt_iou_q", "baseline_iou",
          "baseline_iou_mean", "js_mean", "js_p95", "js_max", "entropy_norm_fp", "entropy_norm_q", "topk_mass_fp",
-         "topk_mass_q", "topk_overlap", "q_mass_on_fp_topk", "js_undefined")
+         "topk_mass_q", "topk_overlap", "q_mass_on_fp_topk")
 _SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_delta")
 _NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
                  "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
