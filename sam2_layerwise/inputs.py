@@ -144,11 +144,22 @@ def _numbers(values, flag) -> list[float]:
     return out
 
 
-def check_inside(x, y, w, h, flag, values):
+def _inside(x, y, w, h, flag, values):
     """A click at pixel coordinates (x, y) must lie on the w x h image: 0 <= x < w, 0 <= y < h (shown in full: a
     value just past the edge is not rounded onto it)."""
     if not (0 <= x < w and 0 <= y < h):
         raise InputError(f"({x:.12g}, {y:.12g}) is outside the {w}x{h} image", flag=flag, value=values)
+
+
+def parse_query_points(values, width: int, height: int) -> list[tuple[float, float]]:
+    """`--query-points x y ...` (visualize and render) -> [(x, y)] in original pixels, on the w x h image."""
+    if len(values) % 2:
+        raise InputError(f"expects x y pairs; got {len(values)} values", flag="--query-points", value=list(values))
+    nums = _numbers(values, "--query-points")
+    pts = list(zip(nums[0::2], nums[1::2]))
+    for x, y in pts:
+        _inside(x, y, width, height, "--query-points", list(values))
+    return pts
 
 
 def parse_prompts(points, box, queries, width: int, height: int) -> Prompts:
@@ -162,7 +173,7 @@ def parse_prompts(points, box, queries, width: int, height: int) -> Prompts:
             x, y, label = nums[i:i + 3]
             if label not in (0.0, 1.0):
                 raise InputError(f"label {label:g} is not 0 (background) or 1 (foreground)", flag="--points", value=list(points))
-            check_inside(x, y, width, height, "--points", list(points))
+            _inside(x, y, width, height, "--points", list(points))
             prompts.points.append(Point(x, y, int(label)))
     if box:
         if len(box) != 4:
@@ -174,12 +185,7 @@ def parse_prompts(points, box, queries, width: int, height: int) -> Prompts:
             raise InputError(f"is outside the {width}x{height} image", flag="--box", value=list(box))
         prompts.box = (x0, y0, x1, y1)
     if queries:
-        if len(queries) % 2:
-            raise InputError(f"expects x y pairs; got {len(queries)} values", flag="--query-points", value=list(queries))
-        nums = _numbers(queries, "--query-points")
-        for i in range(0, len(nums), 2):
-            check_inside(nums[i], nums[i + 1], width, height, "--query-points", list(queries))
-            prompts.queries.append((nums[i], nums[i + 1]))
+        prompts.queries.extend(parse_query_points(queries, width, height))
     if not prompts.points and prompts.box is None:
         raise InputError("give at least one click (--points x y label) or a --box", flag="--points")
     return prompts

@@ -6,7 +6,7 @@ import logging
 
 from sam2_layerwise.cli.common import positive_int, setup_logging
 from sam2_layerwise.errors import InputError
-from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, check_inside
+from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, parse_query_points
 
 log = logging.getLogger("sam2_layerwise")
 
@@ -68,27 +68,13 @@ def render_plan(args, *, default_images: bool = False):
                       topk=args.topk_attn, topk_symlink=args.topk_symlink)
 
 
-def query_points(values, width: int, height: int) -> list[tuple[float, float]]:
-    """`--query-points x y ...` -> [(x, y)] in original pixels, inside the w x h photograph."""
-    if len(values) % 2:
-        raise InputError(f"expects x y pairs; got {len(values)} values", flag="--query-points", value=list(values))
-    try:
-        nums = [float(v) for v in values]
-    except ValueError:
-        raise InputError("expects numbers", flag="--query-points", value=list(values)) from None
-    pts = list(zip(nums[0::2], nums[1::2]))
-    for x, y in pts:
-        check_inside(x, y, width, height, "--query-points", list(values))
-    return pts
-
-
 def run(args) -> int:
     from sam2_layerwise.render.saved import load_photo, open_run, rerender
 
     setup_logging(args.quiet)
     check_render_args(args)
     saved = open_run(args.run_dir)
-    extra = query_points(args.query_points, saved.frame.orig_w, saved.frame.orig_h)
+    extra = parse_query_points(args.query_points, saved.frame.orig_w, saved.frame.orig_h)
     plan = render_plan(args, default_images=True)
     if saved.summary.get("mode") == "video":
         from sam2_layerwise.render.video import rerender_video

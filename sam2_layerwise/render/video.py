@@ -336,11 +336,16 @@ def open_saved_frames(run, override: str | None, max_pixels: int):
 
     vid = run.summary.get("video") or {}
     path = override or vid.get("path")
-    # frames given with --video are the user's; frames the summary names are the run's (--run-dir)
-    flag, value = ("--video", path) if override is not None else ("--run-dir", str(run.run_dir))
-    moved = "" if override is not None else "; pass --video PATH if the frames moved"
+
+    def mismatch(detail: str) -> InputError:
+        """Frames given with --video are the user's; frames the summary names are the run's (--run-dir)."""
+        if override is not None:
+            return InputError(detail, flag="--video", value=path)
+        return InputError(f"the video this run names ({path}) {detail}; pass --video PATH if the frames moved",
+                          flag="--run-dir", value=str(run.run_dir))
+
     if not isinstance(path, str) or not path:
-        raise InputError("the run names no video; pass --video PATH", flag=flag, value=value)
+        raise InputError("the run names no video; pass --video PATH", flag="--run-dir", value=str(run.run_dir))
     sel = vid.get("selection") or {}
     try:
         selection = FrameSelection(start=int(sel.get("start", 0)), stop=None if sel.get("stop") is None else
@@ -349,20 +354,19 @@ def open_saved_frames(run, override: str | None, max_pixels: int):
     except (TypeError, ValueError):
         raise InputError("video.selection in the summary is malformed", flag="--run-dir", value=str(run.run_dir)) from None
     if not Path(path).exists() and override is None:
-        raise InputError(f"the video this run names is missing ({path}); pass --video PATH", flag=flag, value=value)
+        raise mismatch("is missing")
     try:
         source = open_video(path, selection, max_pixels=max_pixels)
     except InputError as exc:
         if override is not None:
             raise
-        raise InputError(f"the video this run names ({path}): {exc.detail}{moved}", flag=flag, value=value) from None
+        raise mismatch(f"cannot be read: {exc.detail}") from None
     want = [(f.get("source_index"), f.get("name")) for f in (run.summary.get("frames") or {}).get("list", [])]
     got = [(f.source_index, f.name) for f in source.frames]
     if got != want or (source.width, source.height) != (run.frame.orig_w, run.frame.orig_h):
         source.close()
-        where = "" if override is not None else f"the video this run names ({path}) "
-        raise InputError(f"{where}holds frames {got[:6]} of {source.width}x{source.height}; the run was captured on "
-                         f"frames {want[:6]} of {run.frame.orig_w}x{run.frame.orig_h}{moved}", flag=flag, value=value)
+        raise mismatch(f"holds frames {got[:6]} of {source.width}x{source.height}; the run was captured on frames "
+                       f"{want[:6]} of {run.frame.orig_w}x{run.frame.orig_h}")
     return source
 
 
