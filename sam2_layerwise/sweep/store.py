@@ -303,15 +303,19 @@ _SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_del
 _NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
                  "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
                  "head", "call_index", "order")
-_SLACK = 1e-3  # float rounding (and entropies normalised by ln N of padded rows, up to 2: generate's check)
 
 
 def _bounds(column: str) -> tuple[float, float] | None:
+    """The range a column's values lie in (None: any): generate's own allowance for rounding, and for entropies
+    normalised by ln N of padded rows, which reach up to 2 (`generate._all_query_stats`)."""
+    from sam2_layerwise.analysis.generate import PROB_MAX
+
+    slack = PROB_MAX - 1.0
     top = 2.0 if "entropy" in column else 1.0
     if column in _UNIT or (column.startswith("all_queries_") and not column.endswith("_delta")):
-        return -_SLACK, top + _SLACK
+        return -slack, top + slack
     if column in _SIGNED_UNIT or column.startswith("all_queries_"):
-        return -top - _SLACK, top + _SLACK
+        return -top - slack, top + slack
     if column in _NON_NEGATIVE or column.startswith("seconds_"):
         return 0.0, float("inf")
     return None
