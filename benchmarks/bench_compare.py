@@ -7,7 +7,9 @@ checkpoint calibrated from it by `sam2-layerwise quantize` (one photograph), eac
 - plain: SAM 2's own `build_sam2` + SAM2ImagePredictor for the float model, then the same for the fake-quantized
   model (build_sam2's model given the quantized checkpoint's weights and quantizers), one after the other (what a
   user would run without this tool); also both through this tool's loader, which skips the random
-  initialisation the checkpoints overwrite, as a second reference;
+  initialisation the checkpoints overwrite, as a second reference; and that again with the allocator settings
+  the CLI gives its own model-running processes (`sam2_layerwise/allocator.py`), which measures the capture's
+  own cost apart from what those settings save;
 - `compare --save-raw` (a fresh process each repeat, as above) and `compare --save-full-attn` (in-process), the
   same image and click;
 - `generate` on the light run (all layers and heads) and on the full run, against one plain float forward;
@@ -94,7 +96,7 @@ def du(path: Path) -> int:
     return sum(seen.values())
 
 
-PLAIN_KINDS = {"plain-sam2": "sam2", "plain-tool": "tool"}
+PLAIN_KINDS = {"plain-sam2": "sam2", "plain-tool": "tool", "plain-tool-tuned": "tool"}
 
 
 def child_run(kind: str, config: str, fp: str, q: str, out: str) -> None:
@@ -107,6 +109,10 @@ def child_run(kind: str, config: str, fp: str, q: str, out: str) -> None:
     import sam2_layerwise.cli.main  # noqa: F401
     import sam2_layerwise.quant  # noqa: F401
 
+    if kind.endswith("-tuned"):
+        from sam2_layerwise.allocator import tune_for_tensors
+
+        tune_for_tensors()  # as main() does for compare
     if kind == "compare":
         seconds, forward = cli(*compare_args(config, fp, q), "--output-dir", out, "--save-raw"), None
     else:
@@ -167,18 +173,20 @@ def main():
         print(f"architecture {args.config}, {Path(IMAGE).name}, random weights; W8A8 calibrated in {t_quant:.1f} s",
               flush=True)
         base = compare_args(args.config, fp, q)
-        kinds = ("plain-sam2", "plain-tool", "compare")
+        kinds = ("plain-sam2", "plain-tool", "plain-tool-tuned", "compare")
         times = {kind: [] for kind in kinds}
         forward_s = []
         for i in range(args.repeats):  # each run in its own process; the order turns by one every repeat
-            for kind in kinds[i % 3:] + kinds[:i % 3]:
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
                 got = in_child("--child-run", kind, args.config, str(fp), str(q), str(tmp / "light"))
                 times[kind].append(got["seconds"])
                 if kind == "plain-sam2":
                     forward_s.append(got["forward"])
         plain_s, tool_s, light_s = times["plain-sam2"], times["plain-tool"], times["compare"]
+        tuned_s = times["plain-tool-tuned"]
         ratios = [c / p for c, p in zip(light_s, plain_s)]
         tool_ratios = [c / p for c, p in zip(light_s, tool_s)]
+        tuned_ratios = [c / p for c, p in zip(light_s, tuned_s)]
         print(f"plain float + quantized (SAM 2's build_sam2 + predictor, each): {statistics.median(plain_s):.1f} s "
               f"(one plain float forward {statistics.median(forward_s):.1f} s); through this tool's loader "
               f"(no random initialisation): {statistics.median(tool_s):.1f} s")
@@ -186,8 +194,12 @@ def main():
               f"(target <= 1.1); each repeat: {' '.join(f'{r:.2f}' for r in ratios)}")
         print(f"  against plain runs through this tool's loader: {statistics.median(tool_ratios):.2f} x; each repeat: "
               f"{' '.join(f'{r:.2f}' for r in tool_ratios)}", flush=True)
+        print(f"  against those with compare's allocator settings as well (the capture's own cost): "
+              f"{statistics.median(tuned_ratios):.2f} x; each repeat: {' '.join(f'{r:.2f}' for r in tuned_ratios)}")
         print(f"  medians: {statistics.median(light_s) / statistics.median(plain_s):.2f} x build_sam2, "
-              f"{statistics.median(light_s) / statistics.median(tool_s):.2f} x this tool's loader", flush=True)
+              f"{statistics.median(light_s) / statistics.median(tool_s):.2f} x this tool's loader, "
+              f"{statistics.median(light_s) / statistics.median(tuned_s):.2f} x with compare's allocator settings",
+              flush=True)
         if args.light_only:
             return
         full_s = cli(*base, "--output-dir", str(tmp / "full"), "--save-full-attn")

@@ -11,6 +11,7 @@ from sam2_layerwise.errors import InputError, ModelError
 
 log = logging.getLogger("sam2_layerwise")
 
+RUNS_MODELS = True  # main() sets the allocator for tensors (sam2_layerwise/allocator.py)
 EXAMPLES = """examples:
   # the seed's light-mode command (selected query rows and per-head statistics of both models)
   sam2-layerwise compare --config-quantized examples/quantization/w8a8.yaml \\

@@ -84,7 +84,7 @@ def build_parser() -> Parser:
         module.add_arguments(p)
         p.add_argument("--traceback", action="store_true", help="show Python tracebacks (for developers)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _runs_models=getattr(module, "RUNS_MODELS", False))
     return parser
 
 
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     COMMITTED.clear()
     _SIGNALLED.clear()
+    if args._runs_models:  # a process of our own that runs SAM 2 (sam2_layerwise/allocator.py)
+        from sam2_layerwise.allocator import tune_for_tensors
+
+        tune_for_tensors()
     try:
         with _sigterm_as_interrupt():
             return int(args._run(args) or 0)

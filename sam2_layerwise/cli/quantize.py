@@ -13,6 +13,7 @@ from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sam2_layerwise")
 
+RUNS_MODELS = True  # main() sets the allocator for tensors (sam2_layerwise/allocator.py)
 EXAMPLES = """examples:
   # W8A8 from the official b+ checkpoint, calibrated on a folder of photographs
   sam2-layerwise quantize --config configs/sam2.1/sam2.1_hiera_b+.yaml --checkpoint checkpoints/sam2.1_hiera_base_plus.pt \\

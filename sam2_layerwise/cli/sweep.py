@@ -7,6 +7,7 @@ import argparse
 
 from sam2_layerwise.cli.common import Parser, positive_int, seed_int
 
+RUNS_MODELS = True  # main() sets the allocator for tensors (sam2_layerwise/allocator.py)
 EXAMPLES = """examples:
   # every image of a folder, one click in the middle of each
   sam2-layerwise sweep --config-original configs/sam2.1/sam2.1_hiera_b+.yaml \\

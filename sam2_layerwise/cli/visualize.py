@@ -13,6 +13,7 @@ from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("sam2_layerwise")
 
+RUNS_MODELS = True  # main() sets the allocator for tensors (sam2_layerwise/allocator.py)
 EXAMPLES = """examples:
   # the seed's command: b+ checkpoint, one foreground click, tensors and q/k/v saved
   sam2-layerwise visualize --config configs/sam2/sam2_hiera_b+.yaml --checkpoint checkpoints/sam2_hiera_base_plus.pt \\

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sam2_layerwise.cli import visualize
 
+RUNS_MODELS = True  # main() sets the allocator for tensors (sam2_layerwise/allocator.py)
 EXAMPLES = """examples:
   # the seed's quantized command: a QAT (or 'sam2-layerwise quantize') checkpoint and its config
   sam2-layerwise visualize-quantized --config configs/sam2/sam2_hiera_b+.yaml --checkpoint adaptive_qat_ckpt.pt \\

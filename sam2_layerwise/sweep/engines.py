@@ -59,7 +59,10 @@ class _Actor:
     """A Ray actor: one SweepWorker (both models loaded once)."""
 
     def __init__(self, spec, before_item=None):
+        from sam2_layerwise.allocator import tune_for_tensors
         from sam2_layerwise.sweep.worker import SweepWorker
+
+        tune_for_tensors()  # a worker process of the sweep's own, like the CLI's
 
         logging.getLogger("sam2_layerwise").setLevel(logging.WARNING)
         self.worker = SweepWorker(spec)
