@@ -154,6 +154,15 @@ def _values(m: AttentionMap, e: dict) -> np.ndarray:
     return np.asarray(m.token_values, dtype=np.float32)
 
 
+def _note(m: AttentionMap, values: np.ndarray) -> str:
+    """The head mean's note: what the renderer's title adds after the head, and non-finite values inside the
+    drawn keys (the model's own NaN/inf: a finding the page would otherwise draw as "not a key")."""
+    notes = [m.title.partition("head mean")[2].strip(" ,")]
+    if not np.isfinite(values).all():
+        notes.append(f"{int((~np.isfinite(values)).sum())} of {values.size} values are NaN/inf (the model's own)")
+    return ", ".join(filter(None, notes))
+
+
 def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> list[dict]:
     """Every map of one attention call for each side ("fp", and "q" when present), paired by name and grouped
     by query: head mean first, then every head."""
@@ -171,9 +180,10 @@ def map_entries(views: dict[str, RecordView], frame: ImageFrame, prompts) -> lis
         e = entries.get(m.label)
         if e is None:
             e = entries[m.label] = _entry(m, views[sides[0]], specs.get(m.label))
+        values = {side: _values(x, e) for side, x in pair.items()}
         if m.head is None:  # what the renderer's title adds after the head: recomputed, pooled, quantizer missing
-            e["notes"] = {side: x.title.partition("head mean")[2].strip(" ,") for side, x in pair.items()}
-        e["heads"].append({"head": m.head, **{side: b64(_values(x, e)) for side, x in pair.items()}})
+            e["notes"] = {side: _note(x, values[side]) for side, x in pair.items()}
+        e["heads"].append({"head": m.head, **{side: b64(v) for side, v in values.items()}})
     return list(entries.values())
 
 

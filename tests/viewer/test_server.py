@@ -265,6 +265,28 @@ def test_damaged_tensors_are_a_message_not_a_500(viewer_runs, tmp_path):
         s.close()
 
 
+def test_non_finite_attention_is_shown_as_a_finding(viewer_runs, tmp_path):
+    """A model whose q holds NaN (what NaN weights give): the click is answered, and the page's note says how many
+    values are NaN/inf, instead of drawing them as cells that are not keys."""
+    run = tmp_path / "run"
+    shutil.copytree(viewer_runs["full"], run)
+    key = "image_encoder_trunk_blocks_4"
+    path = run / "quantized" / summary_entry(run, key, "quantized")["files"]["full"]
+    full = safe_load(path)
+    full["q"] = full["q"].clone()
+    full["q"][..., 0] = float("nan")
+    torch.save(full, path)
+    s = Served(run)
+    try:
+        status, body = api(s, f"/api/query?layer={key}&call=0&x=300&y=200")
+    finally:
+        s.close()
+    assert status == 200 and body["ok"] is True, body
+    n = len(decode(body["map"]["heads"][0]["q"]))
+    assert f"{n} of {n} values are NaN/inf (the model's own)" in body["map"]["notes"]["q"]
+    assert "NaN" not in body["map"]["notes"]["fp"]
+
+
 def test_single_run_clicks_use_its_saved_qkv(viewer_runs, served):
     """A visualize run with --save-qkv: global blocks and the decoder keep the whole grid (any place), windowed
     blocks the windows of the captured queries; the rows are the capture's attention_probs over them."""
