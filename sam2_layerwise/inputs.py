@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,14 +56,17 @@ def load_image(path: str | Path, flag: str = "--image", max_pixels: int = DEFAUL
         raise InputError("no such file", flag=flag, value=str(path))
     if not p.is_file():
         raise InputError("not a file", flag=flag, value=str(path))
-    try:
-        with _our_pixel_limit():
-            im = Image.open(p)
-    except UnidentifiedImageError:
-        raise InputError("not an image file Pillow can read", flag=flag, value=str(path)) from None
-    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's header is that file's problem
-        raise InputError(f"cannot read image: {condense(exc)}", flag=flag, value=str(path)) from None
-    with im:
+    # read from a file object, not a name: Pillow 13 maps an uncompressed TIFF opened by name straight into memory
+    # at the size its Orientation tag already turned, so grey, palette, RGBA, CMYK and 16-bit pixels with
+    # orientations 5-8 come out scrambled; read from a file, the same pixels load right
+    with ExitStack() as files:
+        try:
+            with _our_pixel_limit():
+                im = files.enter_context(Image.open(files.enter_context(p.open("rb"))))
+        except UnidentifiedImageError:
+            raise InputError("not an image file Pillow can read", flag=flag, value=str(path)) from None
+        except Exception as exc:  # noqa: BLE001 - any failure to parse a user's header is that file's problem
+            raise InputError(f"cannot read image: {condense(exc)}", flag=flag, value=str(path)) from None
         w, h = im.size
         if w * h > max_pixels:
             raise InputError(f"is {w}x{h} = {w * h} pixels, more than --max-pixels {max_pixels}; refusing to decode "

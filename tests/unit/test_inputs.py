@@ -22,6 +22,30 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out[:10, :, 0].mean() > 200 and out[-10:, :, 0].mean() < 50  # the stripe is now at the top
 
 
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "CMYK"])
+@pytest.mark.parametrize("orientation", sorted(TURNS))
+def test_uncompressed_tiff_orientation_in_every_mode(tmp_path, mode, orientation):
+    """Uncompressed TIFFs with an Orientation tag: the stored pixels turned as the tag says, whatever the mode
+    (Pillow's by-name reading scrambled grey, palette, RGBA and CMYK ones with tags 5-8), at the size the header
+    check announces."""
+    from sam2_layerwise.inputs import image_header_size
+
+    rgb = (np.arange(12 * 7 * 3) * 37 % 256).astype(np.uint8).reshape(7, 12, 3)
+    stored = Image.fromarray(rgb).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.tif"
+    stored.save(path, exif=exif)
+    out = load_image(path)
+    assert np.array_equal(out, np.asarray(stored.transpose(TURNS[orientation]).convert("RGB")))
+    assert image_header_size(path) == (out.shape[1], out.shape[0])
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK"])
 def test_modes_become_rgb(tmp_path, mode):
     rgb = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(20, 30, 3)
