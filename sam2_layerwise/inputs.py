@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -135,11 +136,23 @@ class Prompts:
                 "queries": [list(q) for q in self.queries], "frame": "original image pixels (x right, y down)"}
 
 
+# a decimal number as written on a command line or in a manifest; float() also takes "1_0" and other scripts'
+# digits ("١٠"), which no one types as a pixel coordinate on purpose
+NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I | re.ASCII)
+
+
+def decimal(v) -> float:
+    """float(v), where a string must be a plain decimal number (NUMBER). ValueError otherwise."""
+    if isinstance(v, str) and not NUMBER.fullmatch(v.strip()):
+        raise ValueError(f"not a decimal number: {v!r}")
+    return float(v)
+
+
 def _numbers(values, flag) -> list[float]:
     out = []
     for v in values:
         try:
-            out.append(float(v))
+            out.append(decimal(v))
         except (TypeError, ValueError):
             raise InputError(f"'{v}' is not a number", flag=flag, value=list(values)) from None
         if not np.isfinite(out[-1]):  # nan, inf, 1e400: no pixel, and a NaN box corner compares false to all

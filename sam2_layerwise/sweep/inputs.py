@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sam2_layerwise.errors import InputError, one_line
-from sam2_layerwise.inputs import IMAGE_SUFFIXES, image_files, image_header_size
+from sam2_layerwise.inputs import IMAGE_SUFFIXES, decimal, image_files, image_header_size
 from sam2_layerwise.store.hashing import sha256_file
 
 FLAG = "--inputs"
@@ -138,7 +138,7 @@ def _parse_numbers(text, what: str, where: str, spec: str) -> tuple[float, ...] 
         try:
             if isinstance(p, bool):
                 raise ValueError
-            v = float(p)
+            v = decimal(p)
         except (TypeError, ValueError):
             raise InputError(f"{where}: {what} value {one_line(str(p), 40)!r} is not a number", flag=FLAG,
                              value=spec) from None

@@ -21,6 +21,7 @@ import torch
 from sam2_layerwise.capture.attention import attention_probs, attention_rows, saved_scale
 from sam2_layerwise.errors import condense
 from sam2_layerwise.geometry import HieraLayerGeometry
+from sam2_layerwise.inputs import decimal
 from sam2_layerwise.render.maps import RecordView, probs_transformed
 from sam2_layerwise.viewer.export import TOKEN_KINDS, map_entries
 from sam2_layerwise.viewer.source import Half, ViewerRun
@@ -36,7 +37,7 @@ class NotAvailable(Exception):
 
 def _number(text, name: str) -> float:
     try:
-        v = float(text)
+        v = decimal(text)
     except (TypeError, ValueError):
         raise BadRequest(f"{name} must be a number (got {str(text)[:40]!r})") from None
     if not math.isfinite(v):

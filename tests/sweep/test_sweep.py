@@ -266,6 +266,8 @@ BAD_MANIFESTS = {
     "odd_points.csv": ("image,points\na.png,1 2 1\nb.png,10 20 1 30 40\n", "line 3: points has 5 values"),
     "bad_label.csv": ("image,points\na.png,1 2 7\n", "line 2: point label 7"),
     "bad_number.csv": ("image,points\na.png,1 two 1\n", "line 2: points value 'two'"),
+    "underscore_number.csv": ("image,points\na.png,1_0 2 1\n", "line 2: points value '1_0'"),
+    "other_digits.jsonl": ('{"image": "a.png", "points": "\u0661 2 1"}\n', "line 1: points value '\u0661'"),
     "bad_box.csv": ("image,box\na.png,5 5 1 1\n", "line 2: box needs x0 < x1"),
     "too_many_fields.csv": ("image,points\na.png,1 2 1,extra\n", "line 2: 3 fields"),
     "bad_json.jsonl": ('{"image": "a.png", "points": [1, 2, 1]}\n{"image": \n', "line 2: not valid JSON"),

@@ -75,3 +75,14 @@ def test_prompt_validation():
         parse_prompts(None, ["30", "2", "10", "40"], None, 50, 50)
     with pytest.raises(InputError, match="--points: give at least one click"):
         parse_prompts(None, None, ["1", "1"], 50, 50)
+
+
+@pytest.mark.parametrize("text", ["1_0", "\u0661\u0660", "\uff12\uff10", "0x10", "1,5", "", " "])
+def test_coordinates_are_plain_decimal_numbers(text):
+    """float() takes "1_0" and other scripts' digits; a coordinate is written in ASCII decimals (and 1e2, .5, +3)."""
+    with pytest.raises(InputError, match=r"^--points .*is not a number"):
+        parse_prompts([text, "5", "1"], None, None, 50, 50)
+    with pytest.raises(InputError, match=r"^--box .*is not a number"):
+        parse_prompts(["5", "5", "1"], [text, "1", "40", "40"], None, 50, 50)
+    p = parse_prompts(["1e1", " .5", "+1"], None, None, 50, 50)
+    assert (p.points[0].x, p.points[0].y, p.points[0].label) == (10.0, 0.5, 1)

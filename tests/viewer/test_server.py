@@ -137,6 +137,8 @@ BAD_QUERIES = [
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=nan&y=1", "finite"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1e999&y=1", "finite"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1&y=abc", "number"),
+    ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1_0&y=1", "x must be a number"),
+    ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1&y=%D9%A1", "y must be a number"),  # Arabic-Indic 1
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=600&y=1", "outside the 600x400"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=-0.5&y=1", "outside"),
     ("/api/query?layer=image_encoder_trunk_blocks_0&call=0&x=1", "y must be a number"),
