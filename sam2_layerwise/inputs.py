@@ -52,7 +52,7 @@ def load_image(path: str | Path, flag: str = "--image", max_pixels: int = DEFAUL
     scaled to 8 bits. The size the header announces is checked against `max_pixels` (`--max-pixels`) before
     a single pixel is decoded, so a small file claiming 30000x30000 costs nothing.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise InputError("no such file", flag=flag, value=str(path))
     if not p.is_file():

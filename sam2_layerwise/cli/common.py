@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -99,6 +100,12 @@ def seed_int(text: str) -> int:
     if value >= SEED_LIMIT:
         raise argparse.ArgumentTypeError("must be below 2**63 (9223372036854775808)")
     return value
+
+
+def user_path(text: str) -> str:
+    """A path flag's value with `~` expanded, as the shell does when it is not quoted (and as every other path
+    flag here reads it)."""
+    return os.path.expanduser(text)
 
 
 def image_size(text: str) -> int:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
 import warnings
 
 from sam2_layerwise.cli.common import Parser
-from sam2_layerwise.errors import LayerwiseError
+from sam2_layerwise.errors import LayerwiseError, one_line
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -76,16 +78,36 @@ def _commands():
 
 def build_parser() -> Parser:
     parser = Parser(prog="sam2-layerwise", description="Open SAM 2 up layer by layer.", epilog=EPILOG,
-                    formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (module, help_text) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(module, "EXAMPLES", None),
-                           formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.add_argument("--traceback", action="store_true", help="show Python tracebacks (for developers)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
         p.set_defaults(_run=module.run, _runs_models=getattr(module, "RUNS_MODELS", False))
     return parser
+
+
+def _too_long(parser, args, exc: OSError) -> str | None:
+    """ENAMETOOLONG from a path the user gave (or one derived from it, such as an output folder's staging name):
+    the usage error naming that flag and value, or None when no given path explains it."""
+    if exc.errno != errno.ENAMETOOLONG:
+        return None
+    long_names = [c for c in os.fsdecode(exc.filename or "").split(os.sep) if len(os.fsencode(c)) > 255]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for action in sub._actions:
+        given = getattr(args, action.dest, None)
+        for value in given if isinstance(given, list) else [given]:
+            if not isinstance(value, str):
+                continue
+            names = [c for c in value.split(os.sep) if c]
+            if any(len(os.fsencode(c)) > 255 for c in names) or any(c in n for c in names for n in long_names):
+                flag = action.option_strings[0] if action.option_strings else action.metavar or action.dest
+                return (f"{flag} {one_line(value, 120)}: a name in this path is longer than the file system allows "
+                        f"(255 bytes)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = isinstance(exc, KeyboardInterrupt) or (bool(_SIGNALLED) and isinstance(exc, Exception))
         done = f"; {', '.join(map(str, COMMITTED))} had already been written" if COMMITTED else \
             "; nothing was changed"
+        too_long = None if interrupted or not isinstance(exc, OSError) else _too_long(parser, args, exc)
+        if too_long and not args.traceback:
+            sys.stderr.write(f"sam2-layerwise {args.command}: error: {too_long}{done}\n")
+            return EXIT_USAGE
         if not interrupted and isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and not args.traceback:
             where = f" {exc.filename}" if exc.filename else ""
             sys.stderr.write(f"sam2-layerwise {args.command}: error: cannot write{where}: {exc.strerror}{done}\n")

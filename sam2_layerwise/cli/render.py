@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sam2_layerwise.cli.common import positive_int, setup_logging
+from sam2_layerwise.cli.common import positive_int, setup_logging, user_path
 from sam2_layerwise.errors import InputError
 from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, parse_query_points
 
@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     from sam2_layerwise.cli.visualize import add_render_arguments
 
     p.add_argument("--run-dir", required=True, help="a run directory written by 'sam2-layerwise visualize'")
-    p.add_argument("--image", default=None, help="the photograph, when it moved since the run (default: the path "
+    p.add_argument("--image", default=None, type=user_path, help="the photograph, when it moved since the run (default: the path "
                                                  "recorded in the summary)")
     p.add_argument("--video", default=None, help="a video run's frames folder or video file, when it moved since the "
                                                  "run (default: the path recorded in the summary)")

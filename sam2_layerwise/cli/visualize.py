@@ -7,7 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from sam2_layerwise.cli.common import add_model_flags, image_size, nonnegative_int, positive_int, setup_logging
+from sam2_layerwise.cli.common import (add_model_flags, image_size, nonnegative_int, positive_int, setup_logging,
+                                       user_path)
 from sam2_layerwise.cli.quantize import add_qat_flag, annotate_capture, build_for_capture, load_qat_flag
 from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS
 
@@ -35,7 +36,7 @@ EXAMPLES = """examples:
 def add_arguments(p) -> None:
     add_model_flags(p)
     add_qat_flag(p)
-    p.add_argument("--image", default=None, help="image file (any format Pillow reads); or --video")
+    p.add_argument("--image", default=None, type=user_path, help="image file (any format Pillow reads); or --video")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse an image with more pixels than this, before decoding it (default %(default)s = 2**27)")
     p.add_argument("--points", nargs="+", action="extend", default=[], metavar="X_Y_LABEL",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import re
@@ -324,3 +325,42 @@ def test_repeated_points_reach_the_prompts(capsys, tmp_path, tiny_checkpoint):
     assert code == 0, err
     summary = json.loads((out / "layerwise_summary.json").read_text())
     assert summary["prompts"]["points"] == [[100.0, 100.0, 1], [300.0, 200.0, 0]]
+
+
+# -- paths ----------------------------------------------------------------------------------------------------
+LONG = "a" * 300  # one name over the 255 bytes a Linux file system takes: ENAMETOOLONG, not "no such file"
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("visualize", "--image"), ("visualize", "--checkpoint"), ("visualize", "--config"), ("visualize", "--output-dir"),
+    ("render", "--run-dir"), ("generate", "--run_dir"), ("init-checkpoint", "--output"),
+])
+def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path, tiny_checkpoint, command, flag):
+    """Every path flag: exit 2 naming the flag (it was an internal error, exit 1), the earlier run unchanged."""
+    out = tmp_path / "out"
+    run = ["--config", TINY_CONFIG, "--checkpoint", tiny_checkpoint, "--image", CHELSEA, "--points", "10", "10", "1",
+           "--output-dir", out]
+    assert cli(capsys, "visualize", *run, "-q")[0] == 0  # the earlier run
+    argv = [str(a) for a in {"visualize": run, "render": ["--run-dir", out], "generate": ["--run_dir", out],
+                             "init-checkpoint": ["--config", TINY_CONFIG, "--output", tmp_path / "c.pt"]}[command]]
+    argv[argv.index(flag) + 1] = str(tmp_path / f"{LONG}.x")
+    before = tree(tmp_path)
+    code, err = cli(capsys, command, *argv, "-q")
+    one_error(code, err, command, f"{flag} {tmp_path}", "longer than the file system allows")
+    assert tree(tmp_path) == before
+
+
+def test_a_tilde_in_image_is_the_home_folder(capsys, tmp_path, tiny_checkpoint, monkeypatch):
+    """--image ~/photo.png reads as every other path flag does (it was "no such file" when quoted)."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(CHELSEA, tmp_path / "photo.png")
+    out = tmp_path / "out"
+    code, err = cli(capsys, "visualize", "--config", TINY_CONFIG, "--checkpoint", tiny_checkpoint, "--image",
+                    "~/photo.png", "--points", "10", "10", "1", "--output-dir", out, "--save-attn", "-q")
+    assert code == 0, err
+    summary = json.loads((out / "layerwise_summary.json").read_text())
+    assert summary["image"]["path"] == str(tmp_path / "photo.png")
+    code, err = cli(capsys, "render", "--run-dir", out, "--image", "~/photo.png", "--render-attn-overlay", "-q")
+    assert code == 0, err
