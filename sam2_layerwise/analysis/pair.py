@@ -237,7 +237,7 @@ def compare_capture(specs: list[ModelSpec], image: np.ndarray, prompts, out_dir:
     command = ["sam2-layerwise", *getattr(args, "argv", [])]
     models, selection, calls, extra = {}, None, 0, {}
     fp_side = None  # attribution: what the float half leaves behind (state, prediction, block cache)
-    owned = cr.owned_entries(out_dir, cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)  # and old analyses
+    owned = cr.owned_entries(out_dir, cr.MANIFEST, *cr.HALF_ENTRIES, cr.ANALYSIS, cr.ATTRIBUTION)  # and old analyses
     reuse = None  # the float half's model, lent to the quantized half (not with --attribute, which keeps both)
     pending = None  # the float half, written in the background
     # the pool is left (waiting for the writing) before the writer cleans up after a failure

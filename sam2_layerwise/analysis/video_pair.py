@@ -151,7 +151,7 @@ def compare_video(specs, source, prompts, prompt_index: int, out_dir: Path, *, a
     video_info = {"path": None, "video": source.describe()["path"], "sha256": source.sha256(), "width": source.width,
                   "height": source.height}
     command = ["sam2-layerwise", *getattr(args, "argv", [])]
-    owned = cr.owned_entries(out_dir, cr.MANIFEST, *cr.HALVES, cr.ANALYSIS)
+    owned = cr.owned_entries(out_dir, cr.MANIFEST, *cr.HALF_ENTRIES, cr.ANALYSIS)
     with RunWriter(out_dir, owned=owned, kind=cr.COMPARE_RUN) as writer:
         halves = {}
         for spec in specs:  # both models are held: they track side by side

@@ -291,7 +291,7 @@ def open_run(run_dir: str | Path, flag: str = "--run-dir") -> SavedRun:
 def load_photo(run: SavedRun, override: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The photograph the run was captured on (or `--image`), checked against the run's size. It is the user's
     own file, so it may lie outside the run; it must be an image (`load_image`)."""
-    if override is None and (run.image_path is None or not run.image_path.is_file()):
+    if override is None and (run.image_path is None or not layout.on_disk(run.image_path)):
         raise InputError(f"the photograph this run names is missing ({run.image_path}); pass --image PATH",
                          flag="--run-dir", value=str(run.run_dir))
     path = Path(override) if override is not None else run.image_path
@@ -326,7 +326,7 @@ def _tensor_file(run: SavedRun, rel: str, where: str) -> dict:
         inside = False
     if not inside:
         raise bad("resolves outside the run directory (through a symbolic link); refused")
-    if not path.is_file():
+    if not layout.on_disk(path):
         raise bad("no such file (deleted or moved?); capture the run again or draw without it")
     try:
         data = safe_load(path)

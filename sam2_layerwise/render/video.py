@@ -353,7 +353,7 @@ def open_saved_frames(run, override: str | None, max_pixels: int):
                                    max_frames=None if sel.get("max_frames") is None else int(sel["max_frames"]))
     except (TypeError, ValueError):
         raise InputError("video.selection in the summary is malformed", flag="--run-dir", value=str(run.run_dir)) from None
-    if not Path(path).exists() and override is None:
+    if not layout.on_disk(path, "any") and override is None:
         raise mismatch("is missing")
     try:
         source = open_video(path, selection, max_pixels=max_pixels)

@@ -21,6 +21,8 @@ MANIFEST = COMPARE_RUN.marker
 SCHEMA = COMPARE_RUN.schema
 SCHEMA_VERSION = 1
 HALVES = ("original", "quantized")
+# what a new capture owns inside each half: the entries a single run writes, not the user's own files there
+HALF_ENTRIES = tuple(f"{half}/{name}" for half in HALVES for name in layout.MANAGED)
 ANALYSIS = "analysis"
 ATTRIBUTION = "attribution.json"  # compare --attribute: per-layer counterfactual IoU changes
 MODES = {"light": "--save-raw", "full": "--save-full-attn"}
@@ -81,7 +83,7 @@ def inside(run_dir: Path, rel, flag: str, under: str = "") -> Path:
     p = (run_dir / rel).resolve()
     if not p.is_relative_to(root):
         raise InputError(f"names a file outside the run ({rel})", flag=flag, value=str(run_dir))
-    if not p.is_file():
+    if not layout.on_disk(p):
         raise InputError(f"is truncated: {rel} is missing", flag=flag, value=str(run_dir))
     return p
 

@@ -84,6 +84,16 @@ def run_kind_of(path: Path) -> RunKind | None:
     return None
 
 
+def on_disk(path: Path | str, what: str = "file") -> bool:
+    """Whether `path` is a file (what="file") or anything at all ("any"); False, not an error, for a name this
+    system refuses (over 255 bytes, or holding NUL), as Python 3.12's pathlib answers. For paths read back from
+    a run's own files, which a user may have edited."""
+    try:
+        return Path(path).is_file() if what == "file" else Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 # -- checking an output location before any work ---------------------------------------------------------
 def _name_max(directory: Path) -> int:
     try:
@@ -315,7 +325,7 @@ class RunWriter:
         parts = Path(norm).parts
         if os.path.isabs(norm) or not parts or parts[0] in (".", ".."):
             raise ValueError(f"refusing to write outside the run directory: {rel}")
-        if parts[0] not in self.owned:
+        if not self._owns(parts):
             raise ValueError(f"this writer does not own {rel} (owns {', '.join(self.owned)})")
         p = self.staging / norm
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -339,13 +349,32 @@ class RunWriter:
         shutil.rmtree(self.aside, ignore_errors=True)
         return False
 
-    def _carry_old(self) -> None:
-        if not self.output_dir.is_dir():
+    def _owns(self, parts: tuple[str, ...]) -> bool:
+        return any(parts[:len(o)] == o for o in self._owned_parts)
+
+    @property
+    def _owned_parts(self) -> list[tuple[str, ...]]:
+        return [Path(o).parts for o in self.owned]
+
+    def _carry_old(self, rel: tuple[str, ...] = ()) -> None:
+        """Everything of the old run this writer does not own, into staging. An owned entry may be a path inside a
+        folder ("original/layerwise_summary.json"): that folder is then walked, and the user's own files in it are
+        carried too."""
+        old = self.output_dir.joinpath(*rel)
+        if not old.is_dir() or (rel and old.is_symlink()):
             return
-        shutil.copystat(self.output_dir, self.staging)
-        for entry in self.output_dir.iterdir():
-            if entry.name not in self.owned and not (self.staging / entry.name).exists():
-                _carry(entry, self.staging / entry.name)
+        if not rel:
+            shutil.copystat(self.output_dir, self.staging)
+        for entry in old.iterdir():
+            parts = (*rel, entry.name)
+            if self._owns(parts):
+                continue
+            if any(len(o) > len(parts) and o[:len(parts)] == parts for o in self._owned_parts):
+                if self.staging.joinpath(*parts).is_dir():  # written by this run: carry what is not its own
+                    self._carry_old(parts)
+                continue
+            if not self.staging.joinpath(*parts).exists():
+                _carry(entry, self.staging.joinpath(*parts))
 
     def _commit(self) -> None:
         """Exchange staging and output directory; the old run ends up at `aside`. Signals wait until done."""

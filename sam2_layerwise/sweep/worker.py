@@ -225,7 +225,7 @@ class SweepWorker:
         hashes = dict(self.spec.model_hashes)
         out_opts = pair.output_options(False)
         command = ["sam2-layerwise", *args.argv]
-        owned = (cr.MANIFEST, *cr.HALVES, cr.ANALYSIS, cr.ATTRIBUTION)
+        owned = (cr.MANIFEST, *cr.HALF_ENTRIES, cr.ANALYSIS, cr.ATTRIBUTION)
         models = {}
         with RunWriter(Path(self.spec.runs_dir) / item.name, owned=owned, kind=cr.COMPARE_RUN) as writer:
             for name, cap, qm, described in (("original", fp_cap, None, self.fp_info),

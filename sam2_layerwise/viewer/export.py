@@ -44,6 +44,7 @@ import numpy as np
 
 from sam2_layerwise.geometry import HieraLayerGeometry, ImageFrame
 from sam2_layerwise.render.maps import AttentionMap, MapOptions, RecordView, _heads, build_maps
+from sam2_layerwise.store.layout import on_disk
 from sam2_layerwise.store.atomic import atomic_write_bytes
 
 log = logging.getLogger("sam2_layerwise")
@@ -518,18 +519,19 @@ def _load_masks(run, half_name: str, summary: dict, frame: ImageFrame):
 
 def _compare_photo(run, frame: ImageFrame):
     """The photograph the manifest names, if it is still there and is the same file (SHA-256)."""
-    from sam2_layerwise.inputs import load_image
+    from sam2_layerwise.inputs import DEFAULT_MAX_PIXELS, load_image
     from sam2_layerwise.store.compare_run import sha256_file
 
     image = run.manifest.get("image") or {}
     path = Path(str(image.get("path") or ""))
-    if not image.get("path") or not path.is_file():
+    if not image.get("path") or not on_disk(path):
         return None, f"photograph not found ({path}); shown on grey"
-    if image.get("sha256") and sha256_file(path) != image["sha256"]:
-        return None, f"photograph {path} changed since the capture (SHA-256 differs); shown on grey"
     try:
-        photo = load_image(path)
-    except Exception as exc:  # noqa: BLE001
+        if image.get("sha256") and sha256_file(path) != image["sha256"]:
+            return None, f"photograph {path} changed since the capture (SHA-256 differs); shown on grey"
+        # the capture's own photograph: as large as the capture took it (its --max-pixels)
+        photo = load_image(path, max_pixels=max(DEFAULT_MAX_PIXELS, frame.orig_w * frame.orig_h))
+    except Exception as exc:  # noqa: BLE001 - unreadable now: the page is still written, on grey
         return None, f"photograph {path} cannot be read ({exc}); shown on grey"
     if photo.shape[:2] != (frame.orig_h, frame.orig_w):
         return None, f"photograph {path} is not {frame.orig_w}x{frame.orig_h} any more; shown on grey"

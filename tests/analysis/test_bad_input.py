@@ -318,7 +318,18 @@ def test_a_new_compare_drops_every_old_analysis_and_keeps_the_users_files(run_co
     (run_copy / "notes").mkdir()
     (run_copy / "notes" / "metrics.json").write_text('{"schema": "mine"}')
     (run_copy / "NOTES.md").write_text("mine")
+    for half in ("original", "quantized"):  # inside the halves too, as visualize keeps them in its own run
+        (run_copy / half / "NOTES.md").write_text(f"mine, {half}")
+        (run_copy / half / "my_plots").mkdir()
+        (run_copy / half / "my_plots" / "a.png").write_bytes(b"mine")
+    assert (run_copy / "original" / "attn_tensors").is_dir()
+    (run_copy / "original" / "attn_overlays").mkdir(exist_ok=True)  # the tool's own name: the old capture's
     assert main(compare_args(tiny_checkpoint, *quant_checkpoints["w8a8"], run_copy)) == 0
     assert not (run_copy / "analysis_decoder").exists()
     assert (run_copy / "notes" / "metrics.json").read_text() == '{"schema": "mine"}'
     assert (run_copy / "NOTES.md").read_text() == "mine"
+    for half in ("original", "quantized"):
+        assert (run_copy / half / "NOTES.md").read_text() == f"mine, {half}"
+        assert (run_copy / half / "my_plots" / "a.png").read_bytes() == b"mine"
+    assert not (run_copy / "original" / "attn_overlays").exists()
+    assert main(["generate", "--run_dir", str(run_copy), "-q"]) == 0  # the new capture reads as one

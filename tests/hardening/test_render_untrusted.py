@@ -139,6 +139,20 @@ def test_a_deleted_tensor_file_is_named(capsys, run_copy):
     _render_refuses(capsys, run_copy, "attention[3].files.qkv", rel, "no such file")
 
 
+def test_names_too_long_for_the_file_system(capsys, run_copy):
+    """A name over 255 bytes in the summary (tensor file, photograph): one line naming --run-dir, not an internal
+    error from the file system's ENAMETOOLONG."""
+    summary = _summary(run_copy)
+    summary["attention"][3]["files"]["qkv"] = "a" * 300 + ".pt"
+    _write(run_copy, summary)
+    _render_refuses(capsys, run_copy, "attention[3].files.qkv", "no such file")
+    summary = _summary(run_copy)
+    summary["attention"][3]["files"]["qkv"] = None
+    summary["image"]["path"] = "/" + "b" * 300 + ".png"
+    _write(run_copy, summary)
+    _render_refuses(capsys, run_copy, "the photograph this run names is missing", extra=("--render-attn-overlay",))
+
+
 @pytest.mark.parametrize("payload, needle", [
     (lambda t: {**t, "probs": [[0.5, 0.5]]}, "'probs' is list"),
     (lambda t: {k: v for k, v in t.items() if k != "probs"}, "'probs' is null"),
