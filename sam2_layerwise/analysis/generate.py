@@ -212,10 +212,11 @@ def _all_query_stats(run, pair, fa: dict, qa: dict, G: int | None = None) -> dic
         a, b = fs.get(stat), qs.get(stat)
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dim() != 3:
             continue
-        # masses and maxima of probabilities lie in [0, 1]; a normalised entropy of raw quantized rows (which sum
-        # below 1) may pass 1 a little on two keys, never 2. NaN is a row without a distribution.
+        # maxima of probabilities lie in [0, 1], and so do the masses of a softmax; a quantized row's raw mass
+        # passes 1 where its quantizer rounds up (log2: anything above 2^-0.5 becomes 1). Earlier runs took the
+        # entropy of raw quantized rows, which may pass 1 a little, never 2. NaN is a row without a distribution.
         top = 2.0 if stat == "entropy_norm" else PROB_MAX
-        if _outside(a, -1e-4, top) or _outside(b, -1e-4, top):
+        if _outside(a, -1e-4, top) or _outside(b, -1e-4, math.inf if stat == "topk_mass" else top):
             raise InputError(f"{pair.layer_key}: its saved {stat} statistics lie outside [0, 1]; the run is damaged",
                              flag=FLAG, value=str(run.run_dir) if run is not None else pair.layer_key)
         g, h, nq = a.shape  # [G, heads, Nq]

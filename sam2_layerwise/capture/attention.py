@@ -119,8 +119,12 @@ def tile_statistics(scores: torch.Tensor, probs: torch.Tensor, transformed: bool
     else:
         native.note_taken("torch")
         ent = -torch.special.xlogy(probs, probs).sum(-1)
-        if transformed:  # a row quantized to all zeros is no distribution: its entropy is undefined, not 0
-            ent = ent.masked_fill(~(probs.sum(-1) > 0), math.nan)
+        if transformed:
+            # the entropy of the row renormalised to sum 1, as the metrics take it (docs/metrics.md): a quantized
+            # softmax sums to some s != 1, and H(p / s) = H(p) / s + ln s. A row quantized to all zeros is no
+            # distribution: its entropy is undefined, not 0.
+            total = probs.sum(-1)
+            ent = torch.where(total > 0, ent / total + torch.log(total), math.nan)
         mx = probs.amax(-1)
         top = topk_sum(probs, kk) if kk else torch.zeros_like(mx)
     return named_stats(ent, mx, top, nk)

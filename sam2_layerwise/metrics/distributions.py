@@ -235,7 +235,7 @@ def _pair_rows(p: torch.Tensor, q: torch.Tensor, k: int) -> dict[str, torch.Tens
         "entropy_norm_fp": ent_p,
         "entropy_norm_q": ent_q,
         "entropy_norm_delta": ent_q - ent_p,
-        "topk_mass_fp": p_top.sum(-1),
+        "topk_mass_fp": p_top.sum(-1).clamp_(max=1.0),  # a softmax row: past 1 by rounding only
         "topk_mass_q": q_top.sum(-1),
         "topk_overlap": overlap,
         "q_mass_on_fp_topk": q_on_p,

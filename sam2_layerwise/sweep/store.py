@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam2_layerwise.errors import InputError, utf8_text
+from sam2_layerwise.errors import InputError, condense, utf8_text
 from sam2_layerwise.store import layout
 from sam2_layerwise.store.schema import version_problem
 
@@ -36,6 +37,7 @@ SCHEMA_VERSION = 1
 PARTS, RUNS, AGGREGATE = "parts", "runs", "sweep"
 ITEMS, HEADS, ATTRIBUTION = "items.parquet", "heads.parquet", "attribution.parquet"
 LOCK = ".sweep.lock"
+DIGESTS = "sha256.json"  # a shard's files and their SHA-256, written with them
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -213,9 +215,12 @@ class SweepDir:
         stage = final.parent / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         stage.mkdir(parents=True)
         try:
-            (stage / "item.parquet").write_bytes(_parquet_bytes(frame([row], item_cols)))
-            (stage / "heads.parquet").write_bytes(_parquet_bytes(frame(heads, schema["heads"])))
-            (stage / "attribution.parquet").write_bytes(_parquet_bytes(frame(attribution, schema["attribution"])))
+            files = {"item.parquet": _parquet_bytes(frame([row], item_cols)),
+                     "heads.parquet": _parquet_bytes(frame(heads, schema["heads"])),
+                     "attribution.parquet": _parquet_bytes(frame(attribution, schema["attribution"]))}
+            for name, data in files.items():
+                (stage / name).write_bytes(data)
+            (stage / DIGESTS).write_text(json.dumps({n: hashlib.sha256(b).hexdigest() for n, b in files.items()}))
             for f in stage.iterdir():
                 os.chmod(f, 0o666 & ~_umask())
             if final.exists():
@@ -246,12 +251,20 @@ class SweepDir:
             return None
         schema = columns()
         try:
-            item = pd.read_parquet(d / "item.parquet", engine="pyarrow")
-            heads = pd.read_parquet(d / "heads.parquet", engine="pyarrow")
-            attribution = pd.read_parquet(d / "attribution.parquet", engine="pyarrow")
+            # the bytes this tool wrote, to the byte (a row deleted or a column rewritten by hand reads as valid
+            # Parquet); links are not followed
+            names = ("item.parquet", "heads.parquet", "attribution.parquet")
+            if any((d / n).is_symlink() for n in (*names, DIGESTS)):
+                raise ValueError("a link")
+            digests = json.loads((d / DIGESTS).read_bytes()[:4096])
+            data = {n: (d / n).read_bytes() for n in names}
+            if not isinstance(digests, dict) or any(digests.get(n) != hashlib.sha256(b).hexdigest()
+                                                    for n, b in data.items()):
+                raise ValueError("not the bytes written")
+            item, heads, attribution = (pd.read_parquet(io.BytesIO(data[n]), engine="pyarrow") for n in names)
         except Exception as exc:  # noqa: BLE001 - a damaged shard is computed again
             log.warning("sweep: the result of item %s cannot be read back (%s); computing it again", key[:12],
-                        type(exc).__name__)
+                        condense(exc, 80))
             return None
         problem = None
         if not (len(item) == 1 and set(item.columns) <= set(schema["items"]) and {"status", "error"} <= set(item.columns)
@@ -298,7 +311,9 @@ class SweepDir:
 # the values each measurement can take: a shard holding others was not written by this tool
 _UNIT = ("iou", "iou_mean", "iou_min", "iou_loss", "sign_agreement", "gt_iou_fp", "gt_iou_q", "baseline_iou",
          "baseline_iou_mean", "js_mean", "js_p95", "js_max", "entropy_norm_fp", "entropy_norm_q", "topk_mass_fp",
-         "topk_mass_q", "topk_overlap", "q_mass_on_fp_topk")
+         "topk_overlap")
+# a quantized row's raw mass, which passes 1 where its quantizer rounds up (log2: anything above 2^-0.5 is 1)
+_RAW_MASS = ("topk_mass_q", "q_mass_on_fp_topk", "all_queries_topk_mass_q", "all_queries_topk_mass_delta")
 _SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_delta")
 _NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
                  "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
@@ -312,6 +327,8 @@ def _bounds(column: str) -> tuple[float, float] | None:
 
     slack = PROB_MAX - 1.0
     top = 2.0 if "entropy" in column else 1.0
+    if column in _RAW_MASS:
+        return (-top if column.endswith("_delta") else 0.0) - slack, float("inf")
     if column in _UNIT or (column.startswith("all_queries_") and not column.endswith("_delta")):
         return -slack, top + slack
     if column in _SIGNED_UNIT or column.startswith("all_queries_"):

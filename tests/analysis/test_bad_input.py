@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 
@@ -253,6 +254,9 @@ def _scale_rows(run, factor):
     (lambda r: _edit_pt(r / "quantized" / json.loads((r / "quantized" / "layerwise_summary.json").read_text())
                         ["attention"][0]["files"]["attn"], lambda d: d["query_stats"]["max_prob"].fill_(1e30)), [],
      ["--run_dir", "max_prob statistics lie outside [0, 1]"]),
+    (lambda r: _edit_pt(r / "original" / json.loads((r / "original" / "layerwise_summary.json").read_text())
+                        ["attention"][0]["files"]["attn"], lambda d: d["query_stats"]["topk_mass"].fill_(1.25)), [],
+     ["--run_dir", "topk_mass statistics lie outside [0, 1]"]),  # a softmax's mass: at most 1
     (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
     (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
     # selections
@@ -333,3 +337,18 @@ def test_a_new_compare_drops_every_old_analysis_and_keeps_the_users_files(run_co
         assert (run_copy / half / "my_plots" / "a.png").read_bytes() == b"mine"
     assert not (run_copy / "original" / "attn_overlays").exists()
     assert main(["generate", "--run_dir", str(run_copy), "-q"]) == 0  # the new capture reads as one
+
+
+def test_a_quantized_rows_raw_mass_may_pass_1(run_copy):
+    """A log2 probability quantizer rounds anything above 2^-0.5 up to 1, so a quantized row's raw top-k mass may
+    pass 1: generate takes it (it refused such runs as damaged), and so does a sweep's shard check."""
+    from sam2_layerwise.sweep.store import _bounds
+
+    rel = json.loads((run_copy / "quantized" / "layerwise_summary.json").read_text())["attention"][0]["files"]["attn"]
+    _edit_pt(run_copy / "quantized" / rel, lambda d: d["query_stats"]["topk_mass"].fill_(1.25))
+    assert main(["generate", "--run_dir", str(run_copy), "-q"]) == 0
+    heads = pd.read_csv(run_copy / "analysis" / "metrics_heads.csv")
+    assert heads["all_queries_topk_mass_q"].max() > 1.0
+    for column in ("topk_mass_q", "q_mass_on_fp_topk", "all_queries_topk_mass_q"):
+        assert _bounds(column)[1] == float("inf")
+    assert _bounds("topk_mass_fp")[1] < 1.01 and _bounds("all_queries_topk_mass_fp")[1] < 1.01

@@ -126,7 +126,8 @@ def test_resume_skips_finished_items_and_refuses_other_models(folder_sweep, tmp_
 
 
 @pytest.mark.parametrize("damage", ["garbage heads", "width as text", "impossible js", "another item's key",
-                                    "ok without iou", "unknown status"])
+                                    "ok without iou", "unknown status", "a row less", "heads through a link",
+                                    "no digests"])
 def test_resume_computes_damaged_shards_again(folder_sweep, tmp_path, damage, tiny_checkpoint, quant_checkpoints):
     """A shard that does not read back as this tool wrote it (unreadable, wrong column types, values no
     measurement takes, another item's result) is not a finished item: the resume computes it again, and the
@@ -154,6 +155,14 @@ def test_resume_computes_damaged_shards_again(folder_sweep, tmp_path, damage, ti
     elif damage == "ok without iou":
         item["iou"] = float("nan")
         item.to_parquet(part / "item.parquet")
+    elif damage == "a row less":  # valid Parquet, of the right columns and values: only the bytes tell
+        heads.iloc[:-1].to_parquet(part / "heads.parquet")
+    elif damage == "heads through a link":
+        (out / "elsewhere.parquet").write_bytes((part / "heads.parquet").read_bytes())
+        (part / "heads.parquet").unlink()
+        (part / "heads.parquet").symlink_to(out / "elsewhere.parquet")
+    elif damage == "no digests":
+        (part / "sha256.json").unlink()
     else:
         item["status"] = "maybe"
         item.to_parquet(part / "item.parquet")
