@@ -8,6 +8,7 @@ stay inside the run directory.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,9 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
         raise InputError(f"{MANIFEST} has {problem}", flag=flag, value=str(run_dir))
     summaries = {}
     for half in HALVES:
+        if (p / half).is_symlink():  # every file of the half would be read from wherever it leads
+            raise InputError(f"{half}/ is a link to {os.readlink(p / half)}: names files outside the run", flag=flag,
+                             value=str(run_dir))
         s = _read_json(p / half / layout.SUMMARY, f"{half}/{layout.SUMMARY}", flag, p)
         if s.get("schema") != SUMMARY_SCHEMA:
             raise InputError(f"{half}/{layout.SUMMARY} is not a sam2-layerwise summary", flag=flag, value=str(run_dir))
@@ -178,6 +182,10 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
                     or not isinstance(entry.get("queries"), list):
                 raise InputError(f"{half}/{layout.SUMMARY} has a malformed attention entry", flag=flag,
                                  value=str(run_dir))
+        calls = [(e["layer_key"], e.get("call_index", 0)) for e in att]
+        if len(set(map(repr, calls))) != len(calls):  # one call's values would stand in for another's
+            raise InputError(f"{half}/{layout.SUMMARY} lists an attention call twice (layer_key and call_index)",
+                             flag=flag, value=str(run_dir))
         for key in ("frame", "prompts", "image", "prediction"):
             _need(s, key, dict, f"{half}/{layout.SUMMARY}", flag, p)
         for key in ("capture_options", "frames", "compare"):  # optional sections: objects when present

@@ -257,6 +257,11 @@ def _scale_rows(run, factor):
     (lambda r: _edit_pt(r / "original" / json.loads((r / "original" / "layerwise_summary.json").read_text())
                         ["attention"][0]["files"]["attn"], lambda d: d["query_stats"]["topk_mass"].fill_(1.25)), [],
      ["--run_dir", "topk_mass statistics lie outside [0, 1]"]),  # a softmax's mass: at most 1
+    (lambda r: [_edit_json(r / h / "layerwise_summary.json", lambda s: s["attention"][2].update(
+        layer_key=s["attention"][1]["layer_key"], call_index=s["attention"][1].get("call_index", 0)))
+        for h in ("original", "quantized")], [], ["--run_dir", "lists an attention call twice"]),
+    (lambda r: [shutil.move(r / "quantized", r.parent / "q_elsewhere"), (r / "quantized").symlink_to(
+        r.parent / "q_elsewhere")], [], ["--run_dir", "quantized/ is a link to", "outside the run"]),
     (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
     (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
     # selections
