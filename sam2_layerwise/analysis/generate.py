@@ -241,8 +241,9 @@ def error_table(found, pair: LayerPair) -> dict[str, torch.Tensor] | None:
         v = found.get(name)
         if v is None:
             continue
+        # a relative error is a ratio of norms: never negative (NaN, a model's own, is JSON null)
         if not isinstance(v, list) or len(v) != pair.heads or \
-                any(x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)) for x in v):
+                any(x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0) for x in v):
             return None
         out[name] = torch.tensor([math.nan if x is None else float(x) for x in v], dtype=torch.float32)
     return out

@@ -262,6 +262,9 @@ def _scale_rows(run, factor):
         for h in ("original", "quantized")], [], ["--run_dir", "lists an attention call twice"]),
     (lambda r: [shutil.move(r / "quantized", r.parent / "q_elsewhere"), (r / "quantized").symlink_to(
         r.parent / "q_elsewhere")], [], ["--run_dir", "quantized/ is a link to", "outside the run"]),
+    (lambda r: _edit_json(r / "quantized" / "layerwise_summary.json", lambda s: next(iter(
+        s["compare"]["errors"].values()))["q_rel_err"].__setitem__(0, -1.0)), [],
+     ["--run_dir", "compare.errors of", "is malformed"]),
     (lambda r: _scale_rows(r, -0.5), [], ["--run_dir", "not probabilities"]),
     (lambda r: _scale_rows(r, 1e3), [], ["--run_dir", "not probabilities"]),
     # selections
