@@ -62,7 +62,8 @@ def columns() -> dict[str, dict[str, str]]:
     item.update(chosen_fp="Int64", chosen_q="Int64", chosen_changed="boolean")
     item.update({t: "float64" for t in TIMINGS})
     heads = {"item": "int64", "key": "str", "order": "int64", "layer": "str", "layer_key": "str",
-             "call_index": "int64", "kind": "str", "head": "int64", "scope": "str", "n_queries": "int64"}
+             "call_index": "int64", "kind": "str", "head": "int64", "scope": "str", "n_queries": "int64",
+             "js_undefined": "Int64"}
     heads.update({m: "float64" for m in _head_metrics()})
     attribution = {"item": "int64", "key": "str"}
     attribution.update({c: "float64" for c in ROW_COLUMNS})
@@ -317,7 +318,7 @@ _RAW_MASS = ("topk_mass_q", "q_mass_on_fp_topk", "all_queries_topk_mass_q", "all
 _SIGNED_UNIT = ("gt_iou_delta", "delta_iou", "delta_iou_mean", "entropy_norm_delta")
 _NON_NEGATIVE = ("area_fp", "area_q", "logit_max_abs_error", "logit_mean_abs_error", "q_rel_err", "k_rel_err",
                  "v_rel_err", "out_rel_err", "n_queries", "sites", "params", "seconds", "chosen_fp", "chosen_q",
-                 "head", "call_index", "order")
+                 "head", "call_index", "order", "js_undefined")
 
 
 def _bounds(column: str) -> tuple[float, float] | None:

@@ -232,7 +232,7 @@ def test_manifests_prompts_masks_and_generate_reuse(tmp_path, photos, tiny_check
     assert main(["generate", "--run_dir", str(run), "-q"]) == 0
     gen = pd.read_csv(run / "analysis" / "metrics_heads.csv")
     mine = heads[heads["item"] == 0].reset_index(drop=True)
-    for col in ("order", "head", "n_queries"):
+    for col in ("order", "head", "n_queries", "js_undefined"):
         assert list(gen[col]) == list(mine[col])
     for col in ("js_mean", "js_p95", "topk_overlap", "q_mass_on_fp_topk", "q_rel_err", "out_rel_err"):
         np.testing.assert_allclose(gen[col].to_numpy(float), mine[col].to_numpy(float), rtol=1e-12, atol=0)
