@@ -305,6 +305,7 @@ class RunWriter:
                  flag: str = "--output-dir"):
         self.output_dir = check_output_dir(output_dir, flag, kind)
         self.owned = owned
+        self._owned_parts = [Path(o).parts for o in owned]  # an entry may be a path inside a folder
         self.kind = kind
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         parent = self.output_dir.parent
@@ -351,10 +352,6 @@ class RunWriter:
 
     def _owns(self, parts: tuple[str, ...]) -> bool:
         return any(parts[:len(o)] == o for o in self._owned_parts)
-
-    @property
-    def _owned_parts(self) -> list[tuple[str, ...]]:
-        return [Path(o).parts for o in self.owned]
 
     def _carry_old(self, rel: tuple[str, ...] = ()) -> None:
         """Everything of the old run this writer does not own, into staging. An owned entry may be a path inside a
