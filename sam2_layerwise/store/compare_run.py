@@ -183,7 +183,8 @@ def open_compare_run(run_dir: str | Path, flag: str = "--run_dir") -> CompareRun
                 raise InputError(f"{half}/{layout.SUMMARY} has a malformed attention entry", flag=flag,
                                  value=str(run_dir))
         calls = [(e["layer_key"], e.get("call_index", 0)) for e in att]
-        if len(set(map(repr, calls))) != len(calls):  # one call's values would stand in for another's
+        # one call's values would stand in for another's (repr: a tampered call_index may be unhashable)
+        if len(set(map(repr, calls))) != len(calls):
             raise InputError(f"{half}/{layout.SUMMARY} lists an attention call twice (layer_key and call_index)",
                              flag=flag, value=str(run_dir))
         for key in ("frame", "prompts", "image", "prediction"):

@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 PARTS, RUNS, AGGREGATE = "parts", "runs", "sweep"
 ITEMS, HEADS, ATTRIBUTION = "items.parquet", "heads.parquet", "attribution.parquet"
 LOCK = ".sweep.lock"
+SHARD = ("item.parquet", HEADS, ATTRIBUTION)  # one item's files in parts/<key>/
 DIGESTS = "sha256.json"  # a shard's files and their SHA-256, written with them
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -216,9 +217,8 @@ class SweepDir:
         stage = final.parent / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         stage.mkdir(parents=True)
         try:
-            files = {"item.parquet": _parquet_bytes(frame([row], item_cols)),
-                     "heads.parquet": _parquet_bytes(frame(heads, schema["heads"])),
-                     "attribution.parquet": _parquet_bytes(frame(attribution, schema["attribution"]))}
+            tables = (frame([row], item_cols), frame(heads, schema["heads"]), frame(attribution, schema["attribution"]))
+            files = {name: _parquet_bytes(df) for name, df in zip(SHARD, tables)}
             for name, data in files.items():
                 (stage / name).write_bytes(data)
             (stage / DIGESTS).write_text(json.dumps({n: hashlib.sha256(b).hexdigest() for n, b in files.items()}))
@@ -254,15 +254,14 @@ class SweepDir:
         try:
             # the bytes this tool wrote, to the byte (a row deleted or a column rewritten by hand reads as valid
             # Parquet); links are not followed
-            names = ("item.parquet", "heads.parquet", "attribution.parquet")
-            if any((d / n).is_symlink() for n in (*names, DIGESTS)):
+            if any((d / n).is_symlink() for n in (*SHARD, DIGESTS)):
                 raise ValueError("a link")
             digests = json.loads((d / DIGESTS).read_bytes()[:4096])
-            data = {n: (d / n).read_bytes() for n in names}
+            data = {n: (d / n).read_bytes() for n in SHARD}
             if not isinstance(digests, dict) or any(digests.get(n) != hashlib.sha256(b).hexdigest()
                                                     for n, b in data.items()):
                 raise ValueError("not the bytes written")
-            item, heads, attribution = (pd.read_parquet(io.BytesIO(data[n]), engine="pyarrow") for n in names)
+            item, heads, attribution = (pd.read_parquet(io.BytesIO(data[n]), engine="pyarrow") for n in SHARD)
         except Exception as exc:  # noqa: BLE001 - a damaged shard is computed again
             log.warning("sweep: the result of item %s cannot be read back (%s); computing it again", key[:12],
                         condense(exc, 80))
